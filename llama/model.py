@@ -1,0 +1,295 @@
+"""The Llama transformer: RMSNorm, rotary embeddings, grouped-query attention
+with a preallocated KV cache, and a SwiGLU feed-forward network.
+
+Parameter names match Meta's checkpoints exactly, so a `consolidated.NN.pth`
+shard loads with `load_state_dict(strict=True)`. The projections are
+fairscale's model-parallel layers: with N ranks each rank holds 1/N of the
+heads and of the feed-forward width, and a checkpoint of N shards runs on N
+ranks.
+
+Notation in the shape comments:
+    B  batch size             T  new tokens in this forward call
+    S  positions attended to (start_pos + T)
+    D  model dim              V  vocabulary size
+    H  local query heads      Hkv  local key/value heads     hd  head dim
+"""
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArgs:
+    """Architecture (from `params.json`) plus the runtime limits of the KV cache."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: one key/value head per query head
+    vocab_size: int = -1  # -1: take it from the tokenizer
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False  # Llama 3.1 long-context frequency scaling
+
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides) -> "ModelArgs":
+        """Builds the arguments from a `params.json` dict; unknown keys are logged and ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            logger.warning("params.json: ignoring unknown keys %s", unknown)
+        return cls(**{k: v for k, v in params.items() if k in known}, **overrides)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the model dtype: bf16 sums of squares lose too much.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def apply_llama31_scaling(freqs: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1's rotary frequency scaling (8k -> 128k context).
+
+    Long wavelengths (low frequencies) are slowed down 8x, short ones are kept,
+    and the band in between is interpolated smoothly.
+    """
+    scale_factor = 8.0
+    low_freq_factor = 1.0
+    high_freq_factor = 4.0
+    old_context_len = 8192  # Llama 3's original context length
+
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    interpolated = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, interpolated)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def precompute_rope(head_dim: int, end: int, theta: float, use_scaled: bool) -> torch.Tensor:
+    """Cosines and sines of every (position, frequency) pair: (end, head_dim // 2, 2), fp32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if use_scaled:
+        freqs = apply_llama31_scaling(freqs)
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)  # (end, hd/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotates interleaved pairs (x[2i], x[2i+1]) of every head, Meta's layout.
+
+    x: (B, T, n_heads, hd); rope: (T, hd/2, 2) for the positions of x.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, n_heads, hd/2, 2)
+    cos = rope[None, :, None, :, 0]  # (1, T, 1, hd/2)
+    sin = rope[None, :, None, :, 1]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position seen so far, preallocated once.
+
+    Stored head-major, (max_batch_size, Hkv, max_seq_len, hd), which is the
+    layout attention reads. Not part of the state dict.
+    """
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Writes k, v (B, Hkv, T, hd) at positions start_pos.. and returns all keys
+        and values up to the last written position: (B, Hkv, S, hd) each."""
+        bsz, _, seqlen, _ = k.shape
+        end = start_pos + seqlen
+        self.k[:bsz, :, start_pos:end] = k
+        self.v[:bsz, :, start_pos:end] = v
+        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        world_size = fs_init.get_model_parallel_world_size()
+        if args.n_kv_heads % world_size != 0:
+            raise ValueError(
+                f"n_kv_heads ({args.n_kv_heads}) must be divisible by the model-parallel size ({world_size})"
+            )
+        self.n_local_heads = args.n_heads // world_size
+        self.n_local_kv_heads = args.n_kv_heads // world_size
+        self.head_dim = args.head_dim
+        self.cache: Optional[KVCache] = None
+
+        def column(out_features):
+            return ColumnParallelLinear(args.dim, out_features, bias=False, gather_output=False, init_method=_keep)
+
+        self.wq = column(args.n_heads * self.head_dim)
+        self.wk = column(args.n_kv_heads * self.head_dim)
+        self.wv = column(args.n_kv_heads * self.head_dim)
+        self.wo = RowParallelLinear(
+            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep
+        )
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]):
+        bsz, seqlen, _ = x.shape  # (B, T, D)
+        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, T, H, hd)
+        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+
+        # Heads first for attention: (B, H, T, hd); the cache returns (B, Hkv, S, hd).
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        keys, values = self.cache.update(start_pos, k, v)
+
+        # Grouped-query attention: each key/value head serves H / Hkv query heads.
+        # With no mask (a single new token) every cached position is visible.
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
+        )  # (B, H, T, hd)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, T, H * hd)
+        return self.wo(out)  # (B, T, D), summed over ranks
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
+        super().__init__()
+        # The reference rule: 2/3 of 4*dim, scaled, rounded up to a multiple of `multiple_of`.
+        hidden_dim = int(2 * hidden_dim / 3)
+        if ffn_dim_multiplier is not None:
+            hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+        hidden_dim = multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]):
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+
+        self.tok_embeddings = VocabParallelEmbedding(params.vocab_size, params.dim, init_method=_keep)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
+
+        # Runtime buffers, not in the state dict. A model built under
+        # `torch.device("meta")` (fast loading) calls setup_caches() once it has weights.
+        self.register_buffer("rope", None, persistent=False)  # (2 * max_seq_len, hd/2, 2) cos, sin
+        if torch.get_default_device().type != "meta":
+            self.setup_caches(params.max_batch_size, params.max_seq_len)
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int):
+        """(Re)allocates the KV caches and the rotary table on the weights' device and dtype.
+
+        Call it again after moving the model to another dtype: `.to(dtype)`
+        would cast the fp32 rotary table too.
+        """
+        weight = self.output.weight
+        self.params.max_batch_size, self.params.max_seq_len = max_batch_size, max_seq_len
+        for layer in self.layers:
+            attn = layer.attention
+            attn.cache = KVCache(
+                max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim, weight.dtype, weight.device
+            )
+        # Twice the context, as in the reference, so positions never run off the table.
+        rope = precompute_rope(self.params.head_dim, 2 * max_seq_len, self.params.rope_theta, self.params.use_scaled_rope)
+        self.register_buffer("rope", rope.to(weight.device), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits (B, T, V) in fp32 for `tokens` (B, T) placed at positions start_pos..start_pos+T-1.
+
+        Keys and values of those positions are written into the KV cache, and
+        attention reads every cached position before them: call with
+        start_pos=0 for a new batch, then with the next tokens.
+        """
+        bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.params.max_seq_len:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={self.params.max_seq_len}"
+            )
+        if bsz > self.params.max_batch_size:
+            raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.params.max_batch_size}")
+
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        rope = self.rope[start_pos : start_pos + seqlen]  # (T, hd/2, 2)
+        mask = None
+        if seqlen > 1:
+            # Causal mask over the cache: new token i (at start_pos + i) sees positions <= start_pos + i.
+            query_pos = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
+            key_pos = torch.arange(start_pos + seqlen, device=tokens.device)
+            mask = key_pos[None, :] <= query_pos[:, None]  # (T, S), True = attend
+
+        for layer in self.layers:
+            h = layer(h, start_pos, rope, mask)
+        h = self.norm(h)
+        return self.output(h).float()  # (B, T, V)
+
+
+def _keep(weight: torch.Tensor) -> torch.Tensor:
+    """fairscale init_method that leaves the weight as allocated: checkpoints overwrite it."""
+    return weight
