@@ -1,0 +1,63 @@
+"""Text completion with a pretrained Llama, as in Meta's reference example.
+
+    python example_text_completion.py CKPT_DIR TOKENIZER_PATH
+    torchrun --nproc_per_node N example_text_completion.py CKPT_DIR TOKENIZER_PATH   # N shards
+"""
+
+import logging
+import os
+from typing import List
+
+import fire
+
+from llama import Llama
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+):
+    """Continues a few prompts; only rank 0 prints."""
+    is_rank0 = int(os.environ.get("RANK", 0)) == 0
+    if is_rank0:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+    )
+
+    prompts: List[str] = [
+        # For these prompts, the expected answer is the natural continuation of the prompt
+        "I believe the meaning of life is",
+        "Simply put, the theory of relativity states that ",
+        """A brief message congratulating the team on the launch:
+
+        Hi everyone,
+
+        I just """,
+        # Few shot prompt (providing a few examples before asking model to complete more);
+        """Translate English to French:
+
+        sea otter => loutre de mer
+        peppermint => menthe poivrée
+        plush girafe => girafe peluche
+        cheese =>""",
+    ]
+    results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    if not is_rank0:
+        return
+    for prompt, result in zip(prompts, results):
+        print(prompt)
+        print(f"> {result['generation']}")
+        print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
