@@ -1,10 +1,13 @@
 """Chat formats: how a dialog becomes the token ids of a prompt.
 
+Each model family was trained with one; `make_chat_format` picks the one a
+tokenizer declares (Llama 3 headers for Meta's Llama 3, ChatML for SmolLM2, ...).
+
 Message text is always encoded as plain text: a user who types "<|eot_id|>"
 gets the characters, never the control token.
 """
 
-from typing import TYPE_CHECKING, List, Literal, Sequence, TypedDict
+from typing import TYPE_CHECKING, List, Literal, Optional, Sequence, TypedDict
 
 if TYPE_CHECKING:
     from llama.tokenizer import Tokenizer
@@ -73,3 +76,49 @@ class ChatFormat:
             tokens.extend(self.encode_message(message))
         tokens.extend(self.encode_header({"role": "assistant", "content": ""}))
         return tokens
+
+
+class ChatMLFormat:
+    """ChatML, as SmolLM2, Qwen and others use it.
+
+    <|im_start|>system\n{system}<|im_end|>\n
+    <|im_start|>user\n{user}<|im_end|>\n
+    <|im_start|>assistant\n      <- the model continues here
+
+    Models whose template inserts a default system prompt when the dialog has
+    none get it here too (`default_system_prompt`).
+    """
+
+    def __init__(self, tokenizer: "Tokenizer", default_system_prompt: Optional[str] = None):
+        self.tokenizer = tokenizer
+        self.default_system_prompt = default_system_prompt
+        self.im_start_id = tokenizer.special_tokens["<|im_start|>"]
+        self.im_end_id = tokenizer.special_tokens["<|im_end|>"]
+        self.newline = tokenizer.encode("\n", bos=False, eos=False)
+
+    def encode_message(self, message: Message) -> List[int]:
+        body = self.tokenizer.encode(f"{message['role']}\n{message['content']}", bos=False, eos=False)
+        return [self.im_start_id, *body, self.im_end_id, *self.newline]
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        """Token ids of the whole dialog, ending with an open assistant turn."""
+        validate_dialog(dialog)
+        messages = list(dialog)
+        if self.default_system_prompt is not None and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.default_system_prompt})
+        tokens = [self.tokenizer.bos_id] if self.tokenizer.config.add_bos else []
+        for message in messages:
+            tokens.extend(self.encode_message(message))
+        tokens.append(self.im_start_id)
+        tokens.extend(self.tokenizer.encode("assistant\n", bos=False, eos=False))
+        return tokens
+
+
+def make_chat_format(tokenizer: "Tokenizer"):
+    """The chat format the tokenizer's model was trained with."""
+    name = getattr(tokenizer, "chat_format", "llama3")
+    if name == "llama3":
+        return ChatFormat(tokenizer)
+    if name == "chatml":
+        return ChatMLFormat(tokenizer, tokenizer.config.default_system_prompt)
+    raise ValueError(f"unknown chat format {name!r}; known: llama3, chatml")

@@ -10,8 +10,10 @@ import contextlib
 import json
 import logging
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
@@ -64,7 +66,8 @@ def load_shard(path: Path) -> StateDict:
 # fairscale splits each weight across ranks along one dimension (None: replicated).
 #   ColumnParallelLinear (wq, wk, wv, w1, w3, output) splits its outputs: dim 0.
 #   RowParallelLinear (wo, w2) splits its inputs: dim 1.
-#   VocabParallelEmbedding (tok_embeddings) splits the vocabulary: dim 0.
+#   tok_embeddings: VocabParallelEmbedding (Llama 3) splits the vocabulary, dim 0;
+#   ParallelEmbedding (Llama 2) splits the embedding, dim 1.
 #   RMSNorm weights are replicated.
 _SHARD_DIM_BY_SUFFIX = {
     "attention.wq.weight": 0,
@@ -74,42 +77,125 @@ _SHARD_DIM_BY_SUFFIX = {
     "feed_forward.w1.weight": 0,
     "feed_forward.w2.weight": 1,
     "feed_forward.w3.weight": 0,
-    "tok_embeddings.weight": 0,
     "output.weight": 0,
 }
+EMBEDDING_SPLIT_DIM = {"vocab": 0, "dim": 1}
 
 
-def shard_dim(name: str) -> Optional[int]:
+def shard_dim(name: str, embedding_split: str = "vocab") -> Optional[int]:
     """The dimension along which fairscale splits parameter `name`, or None if every rank holds it whole."""
+    if name == "tok_embeddings.weight":
+        return EMBEDDING_SPLIT_DIM[embedding_split]
     for suffix, dim in _SHARD_DIM_BY_SUFFIX.items():
         if name == suffix or name.endswith("." + suffix):
             return dim
     return None
 
 
-def split_state_dict(state: StateDict, n_shards: int) -> List[StateDict]:
+def embedding_split_of(shard_embedding_shape: Sequence[int], dim: int) -> str:
+    """Which way a shard's tok_embeddings was split, from its shape: (vocab / N, dim) or (vocab, dim / N)."""
+    return "vocab" if shard_embedding_shape[1] == dim else "dim"
+
+
+def shard_piece(name: str, tensor: torch.Tensor, rank: int, n_shards: int, embedding_split: str = "vocab"):
+    """The part of a whole-model tensor that rank `rank` of `n_shards` holds."""
+    dim = shard_dim(name, embedding_split)
+    if dim is None or n_shards == 1:
+        return tensor
+    if tensor.shape[dim] % n_shards != 0:
+        raise ValueError(f"{name} {tuple(tensor.shape)} cannot be split in {n_shards} along dim {dim}")
+    return tensor.chunk(n_shards, dim=dim)[rank]
+
+
+def split_state_dict(state: StateDict, n_shards: int, embedding_split: str = "vocab") -> List[StateDict]:
     """Splits a whole-model state dict into the n_shards that n_shards ranks load."""
-    shards: List[StateDict] = [{} for _ in range(n_shards)]
-    for name, tensor in state.items():
-        dim = shard_dim(name)
-        if dim is None:
-            pieces = [tensor] * n_shards
-        else:
-            if tensor.shape[dim] % n_shards != 0:
-                raise ValueError(f"{name} {tuple(tensor.shape)} cannot be split in {n_shards} along dim {dim}")
-            pieces = tensor.chunk(n_shards, dim=dim)
-        for shard, piece in zip(shards, pieces):
-            shard[name] = piece.clone()  # own storage, so saving one shard saves only its piece
-    return shards
+    # clone: each shard owns its storage, so saving one shard saves only its piece.
+    return [
+        {name: shard_piece(name, t, rank, n_shards, embedding_split).clone() for name, t in state.items()}
+        for rank in range(n_shards)
+    ]
 
 
-def merge_state_dicts(shards: Sequence[StateDict]) -> StateDict:
-    """The inverse of split_state_dict: concatenates shards back into the whole model."""
-    merged: StateDict = {}
-    for name in shards[0]:
-        dim = shard_dim(name)
-        merged[name] = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
-    return merged
+def merge_tensor(name: str, pieces: Sequence[torch.Tensor], embedding_split: str = "vocab") -> torch.Tensor:
+    """The whole-model tensor from every rank's piece of it."""
+    dim = shard_dim(name, embedding_split)
+    return pieces[0] if dim is None or len(pieces) == 1 else torch.cat(list(pieces), dim=dim)
+
+
+def write_checkpoint(
+    dst: Path,
+    params: dict,
+    tensor_names: Sequence[str],
+    load_tensor: Callable[[str], torch.Tensor],
+    n_shards: int,
+    dtype: Optional[torch.dtype] = None,
+    embedding_split: str = "vocab",
+    extra_files: Callable[[Path], None] = lambda directory: None,
+    progress: Callable[[Iterable], Iterable] = lambda items: items,
+) -> None:
+    """Writes a Meta-format checkpoint directory, one shard at a time.
+
+    Args:
+        tensor_names: Meta names of every whole-model tensor.
+        load_tensor: returns one whole-model tensor by name; called once per
+            tensor and shard, so that only one shard is ever held in memory.
+        extra_files: writes what else belongs in the directory (tokenizer files).
+        progress: wraps the (shard, name) iteration, e.g. in a progress bar.
+
+    The directory appears only when complete: everything is written to a
+    temporary sibling that is renamed at the end, and removed on failure.
+    """
+    if dst.exists():
+        raise FileExistsError(f"{dst} already exists; remove it or choose another destination")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        (tmp / "params.json").write_text(json.dumps(params, indent=2))
+        extra_files(tmp)
+        work = progress([(rank, name) for rank in range(n_shards) for name in tensor_names])
+        shard: StateDict = {}
+        for rank, name in work:
+            tensor = load_tensor(name)
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            shard[name] = shard_piece(name, tensor, rank, n_shards, embedding_split).clone()
+            if len(shard) == len(tensor_names):
+                torch.save(shard, tmp / f"consolidated.{rank:02d}.pth")
+                shard = {}
+        tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def reshard(src: Path, dst: Path, n_shards: int, embedding_split: Optional[str] = None, progress=None) -> None:
+    """Rewrites an N-shard checkpoint as `n_shards` shards; tensors are copied bit for bit.
+
+    embedding_split: how to split tok_embeddings in the output; defaults to the
+    source's split, or for a 1-shard source "dim" for Llama 2 style params
+    (vocab_size -1, as Meta's reference shards Llama 2) and "vocab" otherwise.
+    """
+    shard_paths = find_shards(src)
+    params = read_params(src)
+    shards = [load_shard(path) for path in shard_paths]
+    names = list(shards[0])
+    source_split = "vocab"
+    if len(shards) > 1:
+        source_split = embedding_split_of(shards[0]["tok_embeddings.weight"].shape, params["dim"])
+    if embedding_split is None:
+        embedding_split = source_split if len(shards) > 1 else ("dim" if params.get("vocab_size", -1) <= 0 else "vocab")
+
+    def extra_files(directory: Path) -> None:
+        for path in src.iterdir():
+            if path.is_file() and path.suffix != ".pth" and path.name != "params.json":
+                shutil.copy2(path, directory / path.name)
+
+    write_checkpoint(
+        dst, params, names,
+        lambda name: merge_tensor(name, [s[name] for s in shards], source_split),
+        n_shards, embedding_split=embedding_split, extra_files=extra_files,
+        **({"progress": progress} if progress else {}),
+    )
 
 
 @contextlib.contextmanager
@@ -135,6 +221,8 @@ def load_model(shard_path: Path, args: ModelArgs, device: torch.device, dtype: t
     state = load_shard(shard_path)
     for key in IGNORED_KEYS & state.keys():
         del state[key]
+    if "tok_embeddings.weight" in state:
+        args.embedding_split = embedding_split_of(state["tok_embeddings.weight"].shape, args.dim)
 
     # Weights are allocated but never written (fairscale) or not allocated at
     # all (meta device) until the shard's tensors are assigned in their place.

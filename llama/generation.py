@@ -13,11 +13,11 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 
-from llama.chat_format import ChatFormat, Dialog, Message
+from llama.chat_format import Dialog, Message, make_chat_format
 from llama.checkpoint import find_shards, load_model, read_params
 from llama.distributed import choose_device, choose_dtype, is_main_process, setup_model_parallel
 from llama.model import ModelArgs, Transformer
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,9 @@ class Llama:
 
         Args:
             ckpt_dir: directory with `params.json` and `consolidated.NN.pth` shards.
-            tokenizer_path: the tokenizer file (`tokenizer.model`).
+            tokenizer_path: the tokenizer file (`tokenizer.model`); its kind
+                (Llama 3 tiktoken, a converted model's BPE, SentencePiece) and the
+                chat format are read from the file and the config beside it.
             max_seq_len: longest prompt + generation, in tokens (sizes the KV cache).
             max_batch_size: most sequences generated at once (sizes the KV cache).
             model_parallel_size: ranks the model is split over; defaults to
@@ -77,7 +79,7 @@ class Llama:
         ckpt_dir = Path(ckpt_dir)
         shards = find_shards(ckpt_dir)
         params = read_params(ckpt_dir)
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path)
 
         device = choose_device(device)
         dtype = choose_dtype(device, dtype)
@@ -107,7 +109,7 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, seed: int = 1):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        self.formatter = make_chat_format(tokenizer)
         self.device = model.output.weight.device
         # Sampling draws from this generator only, never from torch's global one,
         # so every rank draws the same tokens and callers' RNG state is untouched.

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import (
     ColumnParallelLinear,
+    ParallelEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
@@ -50,6 +51,9 @@ class ModelArgs:
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
+    # How tok_embeddings is split over ranks: "vocab" (Llama 3, VocabParallelEmbedding)
+    # or "dim" (Llama 2, ParallelEmbedding). Read from the shards, not from params.json.
+    embedding_split: str = "vocab"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -58,6 +62,8 @@ class ModelArgs:
             raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.embedding_split not in ("vocab", "dim"):
+            raise ValueError(f"embedding_split must be 'vocab' or 'dim', got {self.embedding_split!r}")
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "ModelArgs":
@@ -232,7 +238,8 @@ class Transformer(nn.Module):
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
 
-        self.tok_embeddings = VocabParallelEmbedding(params.vocab_size, params.dim, init_method=_keep)
+        embedding = VocabParallelEmbedding if params.embedding_split == "vocab" else ParallelEmbedding
+        self.tok_embeddings = embedding(params.vocab_size, params.dim, init_method=_keep)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)

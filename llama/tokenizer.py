@@ -1,9 +1,14 @@
-"""Llama 3's tokenizer: byte-level BPE served by tiktoken, plus 256 special tokens."""
+"""Byte-level BPE tokenizers served by tiktoken: Llama 3's (256 special tokens) and
+GPT-2-style vocabularies of converted models; `load_tokenizer` picks the right one for a file."""
 
 import base64
+import dataclasses
+import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Sequence, Union
+from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 import tiktoken
 
@@ -64,44 +69,89 @@ def load_tiktoken_ranks(path: Union[str, Path]) -> Dict[bytes, int]:
     return ranks
 
 
-class Tokenizer:
-    """Encodes text to token ids and back, with Llama 3's vocabulary.
+@dataclass
+class TokenizerConfig:
+    """What a BPE vocabulary needs beyond its ranks: written as `tokenizer_config.json`
+    next to `tokenizer.model` by `llama.convert`; Meta's Llama 3 directories have none."""
 
-    Attributes:
-        n_words: vocabulary size, special tokens included (128256 for Llama 3).
-        bos_id, eos_id, pad_id: beginning/end of text and padding ids.
-        stop_tokens: ids that end a generation (end of text, end of turn, end of message).
-        special_tokens: name -> id of every special token.
-    """
+    pattern: str
+    special_tokens: Dict[str, int]
+    bos_token: str
+    eos_token: str
+    pad_token: str
+    stop_tokens: List[str]
+    add_bos: bool = True  # does `encode(..., bos=True)` prepend bos_token (SmolLM2 uses none)
+    chat_format: str = "llama3"
+    default_system_prompt: Optional[str] = None  # used by chat formats that insert one
 
-    def __init__(self, model_path: Union[str, Path]):
-        model_path = Path(model_path)
-        if not model_path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {model_path}")
-        mergeable_ranks = load_tiktoken_ranks(model_path)
-        num_base_tokens = len(mergeable_ranks)
+    KIND = "tiktoken"
 
+    @classmethod
+    def llama3(cls, num_base_tokens: int) -> "TokenizerConfig":
         reserved = [
             f"<|reserved_special_token_{2 + i}|>"
             for i in range(NUM_RESERVED_SPECIAL_TOKENS - len(LLAMA3_CONTROL_TOKENS))
         ]
         special = LLAMA3_CONTROL_TOKENS + reserved
-        self.special_tokens = {token: num_base_tokens + i for i, token in enumerate(special)}
+        return cls(
+            pattern=LLAMA3_PATTERN,
+            special_tokens={token: num_base_tokens + i for i, token in enumerate(special)},
+            bos_token="<|begin_of_text|>",
+            eos_token="<|end_of_text|>",
+            pad_token="<|finetune_right_pad_id|>",
+            stop_tokens=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+        )
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps({"kind": self.KIND, **dataclasses.asdict(self)}, indent=2, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "TokenizerConfig":
+        data = json.loads(Path(path).read_text())
+        data.pop("kind")
+        return cls(**data)
+
+
+class Tokenizer:
+    """Encodes text to token ids and back: byte-level BPE served by tiktoken.
+
+    With Meta's `tokenizer.model` alone this is Llama 3's tokenizer. A
+    converted checkpoint's `tokenizer_config.json` beside the file supplies
+    another vocabulary's pattern and special tokens (SmolLM2, Llama 3 from
+    Hugging Face, ...).
+
+    Attributes:
+        n_words: vocabulary size, special tokens included (128256 for Llama 3).
+        bos_id, eos_id, pad_id: beginning/end of text and padding ids.
+        stop_tokens: ids that end a generation (Llama 3: end of text, end of turn, end of message).
+        special_tokens: name -> id of every special token.
+        chat_format: name of the model's chat format ("llama3", "chatml", ...).
+    """
+
+    def __init__(self, model_path: Union[str, Path], config: Optional[TokenizerConfig] = None):
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {model_path}")
+        mergeable_ranks = load_tiktoken_ranks(model_path)
+        if config is None:
+            config = TokenizerConfig.llama3(len(mergeable_ranks))
+        self.config = config
+        self.special_tokens = dict(config.special_tokens)
         self.model = tiktoken.Encoding(
             name=model_path.name,
-            pat_str=LLAMA3_PATTERN,
+            pat_str=config.pattern,
             mergeable_ranks=mergeable_ranks,
             special_tokens=self.special_tokens,
         )
-        self.n_words: int = num_base_tokens + len(special)
-        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
-        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
-        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
-        self.stop_tokens = [
-            self.eos_id,
-            self.special_tokens["<|eom_id|>"],
-            self.special_tokens["<|eot_id|>"],
-        ]
+        self.n_words: int = len(mergeable_ranks) + len(self.special_tokens)
+        self.bos_id: int = self.special_tokens[config.bos_token]
+        self.eos_id: int = self.special_tokens[config.eos_token]
+        self.pad_id: int = self.special_tokens[config.pad_token]
+        self.stop_tokens: List[int] = [self.special_tokens[name] for name in config.stop_tokens]
+        self.chat_format: str = config.chat_format
+        # Bytes a vocabulary may lack (GPT-2-style vocabularies drop those that
+        # never occur in valid UTF-8 text or training data): tiktoken cannot encode them.
+        self._missing_bytes = {b for b in range(256) if bytes([b]) not in mergeable_ranks}
         logger.debug("loaded tokenizer %s: %d words, BOS %d, EOS %d", model_path, self.n_words, self.bos_id, self.eos_id)
 
     def encode(
@@ -117,7 +167,8 @@ class Tokenizer:
 
         Args:
             s: the text.
-            bos: prepend the beginning-of-text token.
+            bos: the text starts a sequence: prepend the beginning-of-text
+                token (for vocabularies that use one).
             eos: append the end-of-text token.
             allowed_special: special tokens whose text is encoded as the special
                 token ("all" for every one). By default none is: text such as
@@ -131,6 +182,8 @@ class Tokenizer:
         """
         if not isinstance(s, str):
             raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}")
+        if self._missing_bytes:
+            s = self._drop_unencodable(s)
         ids: List[int] = []
         for start in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             chunk = s[start : start + TIKTOKEN_MAX_ENCODE_CHARS]
@@ -138,7 +191,7 @@ class Tokenizer:
                 ids.extend(
                     self.model.encode(piece, allowed_special=allowed_special, disallowed_special=disallowed_special)
                 )
-        if bos:
+        if bos and self.config.add_bos:
             ids.insert(0, self.bos_id)
         if eos:
             ids.append(self.eos_id)
@@ -147,6 +200,46 @@ class Tokenizer:
     def decode(self, t: Sequence[int]) -> str:
         """Decodes token ids into a string; bytes that are not valid UTF-8 become U+FFFD."""
         return self.model.decode(list(t), errors="replace")
+
+    def _drop_unencodable(self, s: str) -> str:
+        """Characters made of bytes the vocabulary lacks become U+FFFD (or are
+        dropped if the vocabulary cannot spell that either)."""
+        if s.isascii() and not any(ord(c) in self._missing_bytes for c in s):
+            return s
+        replacement = "\ufffd" if not (set("\ufffd".encode()) & self._missing_bytes) else ""
+        return "".join(
+            replacement if set(c.encode("utf-8", "surrogatepass")) & self._missing_bytes else c for c in s
+        )
+
+
+def load_tokenizer(path: Union[str, Path]) -> "Tokenizer":
+    """The tokenizer a file describes, chosen from its content, not its name.
+
+    - a converted checkpoint's `tokenizer.model` with a `tokenizer_config.json`
+      beside it: that vocabulary (SmolLM2, Llama 3 from Hugging Face, ...);
+    - tiktoken ranks (`<base64> <rank>` lines) alone: Meta's Llama 3 tokenizer;
+    - a SentencePiece model (protobuf): the Llama 2 tokenizer.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    config_path = path.with_name("tokenizer_config.json")
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        if config.get("kind") == TokenizerConfig.KIND:
+            return Tokenizer(path, TokenizerConfig.load(config_path))
+    with open(path, "rb") as f:
+        first_line = f.readline(200)
+    if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", first_line):
+        return Tokenizer(path)
+    from llama.spm_tokenizer import SentencePieceTokenizer, is_sentencepiece_model
+
+    if is_sentencepiece_model(path):
+        return SentencePieceTokenizer(path)
+    raise ValueError(
+        f"{path} is neither a tiktoken BPE file (Llama 3) nor a SentencePiece model (Llama 2); "
+        f"convert Hugging Face or GGUF models with `python -m llama.convert`"
+    )
 
 
 def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
