@@ -1,21 +1,24 @@
 """Chat with a pretrained, instruction-tuned Llama, as in Meta's reference example.
 
-    python example_chat_completion.py CKPT_DIR TOKENIZER_PATH
+    python example_chat_completion.py                         # the bundled SmolLM2-135M-Instruct
+    python example_chat_completion.py CKPT_DIR [TOKENIZER_PATH]
     torchrun --nproc_per_node N example_chat_completion.py CKPT_DIR TOKENIZER_PATH   # N shards
 """
 
 import logging
 import os
+from pathlib import Path
 from typing import List, Optional
 
 import fire
 
 from llama import Dialog, Llama
+from llama.default_model import ensure_default_model
 
 
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
@@ -29,6 +32,10 @@ def main(
     is_rank0 = int(os.environ.get("RANK", 0)) == 0
     if is_rank0:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if ckpt_dir is None:  # the bundled default model, provisioned on first use
+        ckpt_dir, tokenizer_path = ensure_default_model()
+    elif tokenizer_path is None:
+        tokenizer_path = Path(ckpt_dir) / "tokenizer.model"
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,

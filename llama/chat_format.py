@@ -1,10 +1,13 @@
 """Chat formats: how a dialog becomes the token ids of a prompt.
 
 Each model family was trained with one; `make_chat_format` picks the one a
-tokenizer declares (Llama 3 headers for Meta's Llama 3, ChatML for SmolLM2, ...).
+tokenizer declares (Llama 3 headers for Meta's Llama 3, ChatML for SmolLM2,
+[INST] turns for Llama 2, ...).
 
 Message text is always encoded as plain text: a user who types "<|eot_id|>"
-gets the characters, never the control token.
+gets the characters, never the control token. Llama 2's tags are plain text
+to begin with, so its format also has `refusal(dialog)`: the answer to give,
+instead of generating, to a dialog that spells them.
 """
 
 from typing import TYPE_CHECKING, List, Literal, Optional, Sequence, TypedDict
@@ -114,6 +117,76 @@ class ChatMLFormat:
         return tokens
 
 
+# Llama 2's turn and system-prompt tags: plain text, not special tokens.
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+LLAMA2_SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+LLAMA2_UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+
+
+class Llama2ChatFormat:
+    """Llama 2's chat format, built exactly as Meta's reference (`meta-llama/llama`) builds it.
+
+    <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {assistant} </s>
+    <s>[INST] {user} [/INST]      <- the model continues here
+
+    The system message, if any, is merged into the first user message; each
+    earlier exchange is a sequence of its own, <s> ... </s>. The tags are
+    plain text, so a user could forge turns by typing them: `refusal` flags
+    such dialogs, and `Llama.chat_completion` answers them with an error
+    message instead of generating, as the reference does.
+    """
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        self.tokenizer = tokenizer
+
+    def refusal(self, dialog: Dialog) -> Optional[str]:
+        """The answer to give instead of generating, for a dialog whose text holds Llama 2's tags; else None."""
+        if any(tag in message["content"] for message in dialog for tag in LLAMA2_SPECIAL_TAGS):
+            return LLAMA2_UNSAFE_ERROR
+        return None
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        """Token ids of the whole dialog, ending with the last user message's [/INST].
+
+        Raises:
+            ValueError: the roles are not an optional system message, then user
+                and assistant alternating, ending with user.
+        """
+        validate_dialog(dialog)
+        roles = [message["role"] for message in dialog]
+        turns = roles[1:] if roles[0] == "system" else roles
+        if turns != ["user", "assistant"] * (len(turns) // 2) + ["user"]:
+            raise ValueError(
+                f"Llama 2's chat format takes an optional system message, then user and assistant messages "
+                f"alternating, ending with user; got roles {', '.join(roles)}"
+            )
+        messages = list(dialog)
+        if roles[0] == "system":
+            system, first, *rest = messages
+            messages = [{"role": "user", "content": B_SYS + system["content"] + E_SYS + first["content"]}, *rest]
+
+        tokens: List[int] = []
+        for prompt, answer in zip(messages[::2], messages[1::2]):
+            tokens.extend(
+                self.tokenizer.encode(
+                    f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True
+                )
+            )
+        tokens.extend(self.tokenizer.encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}", bos=True, eos=False))
+        return tokens
+
+
+class NoChatFormat:
+    """For base models converted without a chat template: text completion only."""
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        raise ValueError(
+            "this model declares no chat format (its chat template was missing or unknown): "
+            "use text_completion, or a chat/instruct model"
+        )
+
+
 def make_chat_format(tokenizer: "Tokenizer"):
     """The chat format the tokenizer's model was trained with."""
     name = getattr(tokenizer, "chat_format", "llama3")
@@ -121,4 +194,8 @@ def make_chat_format(tokenizer: "Tokenizer"):
         return ChatFormat(tokenizer)
     if name == "chatml":
         return ChatMLFormat(tokenizer, tokenizer.config.default_system_prompt)
-    raise ValueError(f"unknown chat format {name!r}; known: llama3, chatml")
+    if name == "llama2":
+        return Llama2ChatFormat(tokenizer)
+    if name is None:
+        return NoChatFormat()
+    raise ValueError(f"unknown chat format {name!r}; known: llama3, chatml, llama2")

@@ -162,6 +162,7 @@ def write_checkpoint(
             if len(shard) == len(tensor_names):
                 torch.save(shard, tmp / f"consolidated.{rank:02d}.pth")
                 shard = {}
+        tmp.chmod(0o755)  # mkdtemp makes it private to the user
         tmp.rename(dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -137,21 +137,25 @@ class Tokenizer:
             config = TokenizerConfig.llama3(len(mergeable_ranks))
         self.config = config
         self.special_tokens = dict(config.special_tokens)
+        self.n_words: int = len(mergeable_ranks) + len(self.special_tokens)
+        # GPT-2-style vocabularies may lack bytes that never occur in their training
+        # data (control characters, bytes invalid in UTF-8); tiktoken needs every byte.
+        # Give those placeholder ids past the vocabulary and drop them from the
+        # output, as Hugging Face's BPE drops bytes it has no token for.
+        self._first_placeholder_id = max([*mergeable_ranks.values(), *self.special_tokens.values()]) + 1
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in mergeable_ranks]
+        ranks = {**mergeable_ranks, **{b: self._first_placeholder_id + i for i, b in enumerate(missing)}}
         self.model = tiktoken.Encoding(
             name=model_path.name,
             pat_str=config.pattern,
-            mergeable_ranks=mergeable_ranks,
+            mergeable_ranks=ranks,
             special_tokens=self.special_tokens,
         )
-        self.n_words: int = len(mergeable_ranks) + len(self.special_tokens)
         self.bos_id: int = self.special_tokens[config.bos_token]
         self.eos_id: int = self.special_tokens[config.eos_token]
         self.pad_id: int = self.special_tokens[config.pad_token]
         self.stop_tokens: List[int] = [self.special_tokens[name] for name in config.stop_tokens]
         self.chat_format: str = config.chat_format
-        # Bytes a vocabulary may lack (GPT-2-style vocabularies drop those that
-        # never occur in valid UTF-8 text or training data): tiktoken cannot encode them.
-        self._missing_bytes = {b for b in range(256) if bytes([b]) not in mergeable_ranks}
         logger.debug("loaded tokenizer %s: %d words, BOS %d, EOS %d", model_path, self.n_words, self.bos_id, self.eos_id)
 
     def encode(
@@ -182,8 +186,6 @@ class Tokenizer:
         """
         if not isinstance(s, str):
             raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}")
-        if self._missing_bytes:
-            s = self._drop_unencodable(s)
         ids: List[int] = []
         for start in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
             chunk = s[start : start + TIKTOKEN_MAX_ENCODE_CHARS]
@@ -191,6 +193,7 @@ class Tokenizer:
                 ids.extend(
                     self.model.encode(piece, allowed_special=allowed_special, disallowed_special=disallowed_special)
                 )
+        ids = [i for i in ids if i < self._first_placeholder_id]
         if bos and self.config.add_bos:
             ids.insert(0, self.bos_id)
         if eos:
@@ -200,16 +203,6 @@ class Tokenizer:
     def decode(self, t: Sequence[int]) -> str:
         """Decodes token ids into a string; bytes that are not valid UTF-8 become U+FFFD."""
         return self.model.decode(list(t), errors="replace")
-
-    def _drop_unencodable(self, s: str) -> str:
-        """Characters made of bytes the vocabulary lacks become U+FFFD (or are
-        dropped if the vocabulary cannot spell that either)."""
-        if s.isascii() and not any(ord(c) in self._missing_bytes for c in s):
-            return s
-        replacement = "\ufffd" if not (set("\ufffd".encode()) & self._missing_bytes) else ""
-        return "".join(
-            replacement if set(c.encode("utf-8", "surrogatepass")) & self._missing_bytes else c for c in s
-        )
 
 
 def load_tokenizer(path: Union[str, Path]) -> "Tokenizer":
