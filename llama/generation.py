@@ -7,11 +7,10 @@ The API follows Meta's reference (`meta-llama/llama3`): `Llama.build` ->
 import logging
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple, TypedDict, Union
+from typing import Iterator, List, Optional, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
-import torch.nn.functional as F
 
 from llama.chat_format import Dialog, Message, make_chat_format
 from llama.checkpoint import find_shards, load_model, read_params
@@ -129,7 +128,8 @@ class Llama:
 
         Args:
             prompt_tokens: one list of token ids per prompt; lengths may differ.
-            max_gen_len: most tokens generated per prompt.
+            max_gen_len: most tokens generated per prompt (fewer if the prompt
+                plus max_gen_len would exceed max_seq_len).
             temperature: sampling temperature; 0 picks the most likely token (greedy).
             top_p: nucleus sampling: sample among the most likely tokens whose
                 probabilities sum to top_p.
@@ -140,53 +140,91 @@ class Llama:
             (tokens, logprobs): per prompt, the generated token ids, cut before
             the first stop token, and their log-probabilities (None unless requested).
         """
-        params = self.model.params
         self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
-        bsz = len(prompt_tokens)
-        prompt_lens = [len(t) for t in prompt_tokens]
-        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
-        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
-
-        # One row per prompt: its prompt, then room for generated tokens.
-        pad_id = self.tokenizer.pad_id
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=self.device)  # (B, total_len)
-        for row, prompt in enumerate(prompt_tokens):
-            tokens[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        positions = torch.arange(total_len, device=self.device)
-        is_prompt = positions[None, :] < torch.tensor(prompt_lens, device=self.device)[:, None]  # (B, total_len)
-        token_logprobs = torch.zeros(bsz, total_len, device=self.device) if logprobs else None
+        max_seq_len = self.model.params.max_seq_len
+        # Each row may generate until max_gen_len tokens or the end of the context.
+        limits = [min(max_gen_len, max_seq_len - len(p)) for p in prompt_tokens]
+        limit = torch.tensor(limits, device=self.device)
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=self.device)
-        stopped = torch.zeros(bsz, dtype=torch.bool, device=self.device)
+        stopped = torch.zeros(len(prompt_tokens), dtype=torch.bool, device=self.device)
 
-        if min_prompt_len == total_len:  # nothing to generate: only score the prompts
-            logits = self.model.forward(tokens, 0)
-            if logprobs:
-                token_logprobs[:, 1:] = -F.cross_entropy(
-                    logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none"
-                )
-
-        # The loop, one position at a time. The first step is the prefill: it
-        # runs every position up to the shortest prompt in one forward pass.
-        # Later steps feed one token each; a row still inside its (longer)
-        # prompt keeps its prompt token instead of the sampled one.
-        prev_pos = 0
-        for cur_pos in range(min_prompt_len, total_len):
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (B, cur_pos - prev_pos, V)
-            next_token = self._sample(logits[:, -1], temperature, top_p)  # (B,)
-            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if logprobs:
-                # Log-probability of each token fed in this step's window, given what precedes it.
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    logits.transpose(1, 2), tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none"
-                )
-            # Stop check: a row stops at its first generated stop token.
-            stopped |= ~is_prompt[:, cur_pos] & torch.isin(next_token, stop_tokens)
-            prev_pos = cur_pos
-            if stopped.all():  # the only host-device sync of the step
+        new_tokens, new_logprobs = [], []  # one (B,) tensor per step, kept on the device
+        steps = self._decode_steps(prompt_tokens, max(limits), temperature, top_p, logprobs)
+        for step, (tokens, token_logprobs) in enumerate(steps):
+            new_tokens.append(tokens)
+            new_logprobs.append(token_logprobs)
+            # Stop check: a row stops at a stop token or at its length limit.
+            stopped |= torch.isin(tokens, stop_tokens) | (step + 1 >= limit)
+            if stopped.all():  # the one host-device sync of a step
                 break
 
-        return self._collect(tokens, token_logprobs, prompt_lens, max_gen_len, echo)
+        generated = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
+        generated_logprobs = torch.stack(new_logprobs, dim=1).tolist() if logprobs else None
+        prompt_logprobs = self._prompt_logprobs(prompt_tokens) if logprobs and echo else None
+
+        out_tokens, out_logprobs = [], []
+        stop_set = set(self.tokenizer.stop_tokens)
+        for row, prompt in enumerate(prompt_tokens):
+            row_tokens = generated[row][: limits[row]]
+            end = next((i for i, t in enumerate(row_tokens) if t in stop_set), len(row_tokens))
+            out_tokens.append((prompt if echo else []) + row_tokens[:end])
+            if logprobs:
+                out_logprobs.append((prompt_logprobs[row] if echo else []) + generated_logprobs[row][:end])
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def _decode_steps(
+        self, prompt_tokens: List[List[int]], max_steps: int, temperature: float, top_p: float, logprobs: bool
+    ) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """The decoding loop. Yields, for each new position, every row's next
+        token (B,) and, if asked, its log-probability (B,); stop by closing the iterator.
+
+        Phase 1, prefill: every prompt in one forward pass, right-padded, each
+        row reading its own last prompt position. Phase 2, decode steps: feed
+        each row's newest token at its own position, one position per step.
+        """
+        bsz = len(prompt_tokens)
+        lengths = [len(p) for p in prompt_tokens]
+        same_length = min(lengths) == max(lengths)  # then every row shares its positions (simplest path)
+        prompt_lens = torch.tensor(lengths, device=self.device)
+
+        # Phase 1: prefill.
+        padded = torch.zeros(bsz, max(lengths), dtype=torch.long, device=self.device)  # (B, L), 0 = filler
+        for row, prompt in enumerate(prompt_tokens):
+            padded[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
+        start = 0 if same_length else torch.zeros(bsz, dtype=torch.long, device=self.device)
+        hidden = self.model.forward_hidden(padded, start, kv_len=max(lengths))  # (B, L, D)
+        last_hidden = hidden[torch.arange(bsz, device=self.device), prompt_lens - 1]  # (B, D)
+        logits = self.model.output(last_hidden).float()  # (B, V)
+
+        for step in range(max_steps):
+            next_token = self._sample(logits, temperature, top_p)  # (B,)
+            token_logprobs = None
+            if logprobs:  # of the unscaled distribution, as in the reference
+                token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0]
+            yield next_token, token_logprobs
+            if step + 1 == max_steps:
+                return
+            # Phase 2: one decode step. Rows past their limit write at the last slot of their own cache row.
+            kv_len = min(max(lengths) + step + 1, self.model.params.max_seq_len)
+            if same_length:
+                logits = self.model(next_token[:, None], kv_len - 1)[:, -1]
+            else:
+                positions = torch.clamp(prompt_lens + step, max=self.model.params.max_seq_len - 1)  # (B,)
+                logits = self._decode_one(next_token[:, None], positions, kv_len)
+
+    def _decode_one(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Logits (B, V) of one new token per row (B, 1) at each row's position (B,)."""
+        return self.model(tokens, positions, kv_len=kv_len)[:, -1]
+
+    def _prompt_logprobs(self, prompt_tokens: List[List[int]]) -> List[List[float]]:
+        """Log-probability of every prompt token given those before it (0 for the first), for echo."""
+        result = []
+        for prompt in prompt_tokens:
+            tokens = torch.tensor([prompt], device=self.device)
+            logits = self.model(tokens, 0)[0, :-1]  # (L - 1, V); reuses cache row 0, decoding is over
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[0, 1:, None])[:, 0]
+            result.append([0.0] + lp.tolist())
+        return result
 
     def _sample(self, last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
         """Next token of each row from the logits of its last position: (B, V) -> (B,)."""
@@ -194,24 +232,6 @@ class Llama:
             probs = torch.softmax(last_logits / temperature, dim=-1)
             return sample_top_p(probs, top_p, generator=self.generator).reshape(-1)
         return torch.argmax(last_logits, dim=-1)
-
-    def _collect(self, tokens, token_logprobs, prompt_lens, max_gen_len, echo):
-        """Per row: the returned tokens (prompt if echo, then generated) cut at the first generated stop token."""
-        stop_tokens = set(self.tokenizer.stop_tokens)
-        all_logprobs = token_logprobs.tolist() if token_logprobs is not None else None
-        out_tokens, out_logprobs = [], []
-        for row, row_tokens in enumerate(tokens.tolist()):
-            prompt_len = prompt_lens[row]
-            end = prompt_len + max_gen_len
-            for pos in range(prompt_len, min(end, len(row_tokens))):
-                if row_tokens[pos] in stop_tokens:
-                    end = pos
-                    break
-            start = 0 if echo else prompt_len
-            out_tokens.append(row_tokens[start:end])
-            if all_logprobs is not None:
-                out_logprobs.append(all_logprobs[row][start:end])
-        return out_tokens, (out_logprobs if all_logprobs is not None else None)
 
     def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p):
         params = self.model.params
@@ -298,23 +318,36 @@ class Llama:
         Returns:
             One `ChatPrediction` per dialog: {"generation": {"role": "assistant",
             "content": str}} plus "tokens" and "logprobs" when logprobs=True.
+            A dialog the chat format refuses (Llama 2: text holding its [INST] or
+            <<SYS>> tags) is not generated: its content is the format's error
+            message, with no tokens; the other dialogs are generated as usual.
         """
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
-        generation_tokens, generation_logprobs = self.generate(
-            prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs
-        )
-        if logprobs:
-            return [
-                {
-                    "generation": {"role": "assistant", "content": self.tokenizer.decode(t)},
-                    "tokens": [self.tokenizer.decode([x]) for x in t],
-                    "logprobs": lp,
-                }
-                for t, lp in zip(generation_tokens, generation_logprobs)
-            ]
-        return [{"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}} for t in generation_tokens]
+        refuse = getattr(self.formatter, "refusal", None)  # only formats with forgeable tags have one
+        refusals = [refuse(dialog) if refuse else None for dialog in dialogs]
+        accepted = [tokens for tokens, refusal in zip(prompt_tokens, refusals) if refusal is None]
+        generation_tokens, generation_logprobs = [], None
+        if accepted:
+            generation_tokens, generation_logprobs = self.generate(
+                accepted, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs
+            )
+        generated = iter(zip(generation_tokens, generation_logprobs or [None] * len(generation_tokens)))
+
+        predictions: List[ChatPrediction] = []
+        for refusal in refusals:
+            if refusal is not None:  # not generated: the refusal is the whole answer
+                tokens, token_logprobs, content = [], [], refusal
+            else:
+                tokens, token_logprobs = next(generated)
+                content = self.tokenizer.decode(tokens)
+            prediction: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
+            if logprobs:
+                prediction["tokens"] = [self.tokenizer.decode([x]) for x in tokens]
+                prediction["logprobs"] = token_logprobs
+            predictions.append(prediction)
+        return predictions
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:

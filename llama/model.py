@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -67,12 +67,17 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "ModelArgs":
-        """Builds the arguments from a `params.json` dict; unknown keys are logged and ignored."""
+        """Builds the arguments from a `params.json` dict; unknown keys are logged and ignored.
+
+        A params.json without rope_theta is Llama 2's (Code Llama states its
+        1e6, Llama 3 always states 500000): it gets Llama 2's 10000.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
             logger.warning("params.json: ignoring unknown keys %s", unknown)
-        return cls(**{k: v for k, v in params.items() if k in known}, **overrides)
+        args = {"rope_theta": 10000.0, **{k: v for k, v in params.items() if k in known}, **overrides}
+        return cls(**args)
 
     @property
     def head_dim(self) -> int:
@@ -124,11 +129,11 @@ def precompute_rope(head_dim: int, end: int, theta: float, use_scaled: bool) -> 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotates interleaved pairs (x[2i], x[2i+1]) of every head, Meta's layout.
 
-    x: (B, T, n_heads, hd); rope: (T, hd/2, 2) for the positions of x.
+    x: (B, T, n_heads, hd); rope: (B or 1, T, hd/2, 2), cos and sin at the positions of x.
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, n_heads, hd/2, 2)
-    cos = rope[None, :, None, :, 0]  # (1, T, 1, hd/2)
-    sin = rope[None, :, None, :, 1]
+    cos = rope[:, :, None, :, 0]  # (B or 1, T, 1, hd/2)
+    sin = rope[:, :, None, :, 1]
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)
@@ -147,14 +152,21 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Writes k, v (B, Hkv, T, hd) at positions start_pos.. and returns all keys
-        and values up to the last written position: (B, Hkv, S, hd) each."""
-        bsz, _, seqlen, _ = k.shape
-        end = start_pos + seqlen
-        self.k[:bsz, :, start_pos:end] = k
-        self.v[:bsz, :, start_pos:end] = v
-        return self.k[:bsz, :, :end], self.v[:bsz, :, :end]
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Writes k, v (B, Hkv, T, hd) at `positions` and returns the keys and values
+        of the first kv_len positions: (B, Hkv, kv_len, hd) each.
+
+        positions: (1, T) when every row writes at the same positions, else (B, T).
+        """
+        bsz = k.shape[0]
+        if positions.shape[0] == 1:  # one slice for the whole batch
+            self.k[:bsz].index_copy_(2, positions[0], k)
+            self.v[:bsz].index_copy_(2, positions[0], v)
+        else:  # each row at its own positions
+            rows = torch.arange(bsz, device=k.device)[:, None]  # (B, 1)
+            self.k[rows, :, positions] = k.transpose(1, 2)  # indexed view: (B, T, Hkv, hd)
+            self.v[rows, :, positions] = v.transpose(1, 2)
+        return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -180,7 +192,9 @@ class Attention(nn.Module):
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep
         )
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]):
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor], kv_len: int
+    ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape  # (B, T, D)
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
@@ -189,10 +203,10 @@ class Attention(nn.Module):
 
         # Heads first for attention: (B, H, T, hd); the cache returns (B, Hkv, S, hd).
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        keys, values = self.cache.update(start_pos, k, v)
+        keys, values = self.cache.update(positions, k, v, kv_len)
 
         # Grouped-query attention: each key/value head serves H / Hkv query heads.
-        # With no mask (a single new token) every cached position is visible.
+        # With no mask (one new token, all rows at the same position) every cached position is visible.
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
         )  # (B, H, T, hd)
@@ -226,8 +240,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: Optional[torch.Tensor]):
-        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+    def forward(self, x, positions, rope, mask, kv_len):
+        h = x + self.attention(self.attention_norm(x), positions, rope, mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -267,34 +281,57 @@ class Transformer(nn.Module):
         rope = precompute_rope(self.params.head_dim, 2 * max_seq_len, self.params.rope_theta, self.params.use_scaled_rope)
         self.register_buffer("rope", rope.to(weight.device), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Logits (B, T, V) in fp32 for `tokens` (B, T) placed at positions start_pos..start_pos+T-1.
+    def forward(
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None
+    ) -> torch.Tensor:
+        """Logits (B, T, V) in fp32 for `tokens` (B, T); see `forward_hidden`."""
+        return self.output(self.forward_hidden(tokens, start_pos, kv_len)).float()
 
-        Keys and values of those positions are written into the KV cache, and
-        attention reads every cached position before them: call with
-        start_pos=0 for a new batch, then with the next tokens.
+    def forward_hidden(
+        self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None
+    ) -> torch.Tensor:
+        """Final hidden states (B, T, D) for `tokens` (B, T), before the output projection.
+
+        Args:
+            tokens: token ids; row b holds positions start_pos[b] .. start_pos[b] + T - 1.
+            start_pos: position of tokens[:, 0]; an int places every row there
+                (the reference API), a (B,) tensor places each row at its own
+                position (batches of different prompt lengths, one pass).
+            kv_len: how many cache positions attention reads. Defaults to
+                start_pos + T for an int start_pos and to max_seq_len for a
+                tensor (a static shape, for torch.compile); callers that know
+                the rows' furthest position pass it + 1 to read less.
+
+        Keys and values of the new positions are written into the KV cache, and
+        each token attends to its row's cached positions up to its own: call
+        with start_pos=0 for a new batch, then with the next tokens.
         """
         bsz, seqlen = tokens.shape
-        if start_pos + seqlen > self.params.max_seq_len:
-            raise ValueError(
-                f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={self.params.max_seq_len}"
-            )
         if bsz > self.params.max_batch_size:
             raise ValueError(f"batch of {bsz} exceeds max_batch_size={self.params.max_batch_size}")
+        offsets = torch.arange(seqlen, device=tokens.device)
+        if isinstance(start_pos, int):
+            if start_pos + seqlen > self.params.max_seq_len:
+                raise ValueError(
+                    f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={self.params.max_seq_len}"
+                )
+            positions = (start_pos + offsets)[None, :]  # (1, T): shared by every row
+            kv_len = start_pos + seqlen if kv_len is None else kv_len
+        else:
+            positions = start_pos[:, None] + offsets  # (B, T)
+            kv_len = self.params.max_seq_len if kv_len is None else kv_len
+
+        mask = None
+        if seqlen > 1 or positions.shape[0] > 1:
+            # Causal mask over the cache: a token at position p sees its row's positions <= p.
+            key_pos = torch.arange(kv_len, device=tokens.device)
+            mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B or 1, 1, T, S)
 
         h = self.tok_embeddings(tokens)  # (B, T, D)
-        rope = self.rope[start_pos : start_pos + seqlen]  # (T, hd/2, 2)
-        mask = None
-        if seqlen > 1:
-            # Causal mask over the cache: new token i (at start_pos + i) sees positions <= start_pos + i.
-            query_pos = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)
-            key_pos = torch.arange(start_pos + seqlen, device=tokens.device)
-            mask = key_pos[None, :] <= query_pos[:, None]  # (T, S), True = attend
-
+        rope = self.rope[positions]  # (B or 1, T, hd/2, 2)
         for layer in self.layers:
-            h = layer(h, start_pos, rope, mask)
-        h = self.norm(h)
-        return self.output(h).float()  # (B, T, V)
+            h = layer(h, positions, rope, mask, kv_len)
+        return self.norm(h)
 
 
 def _keep(weight: torch.Tensor) -> torch.Tensor:

@@ -140,3 +140,22 @@ def test_feed_forward_hidden_size_follows_the_reference_rule():
         model = Transformer(ModelArgs.from_params(params))
     assert model.layers[0].feed_forward.w1.weight.shape == (14336, 4096)
     assert model.layers[0].attention.wk.weight.shape == (1024, 4096)
+
+
+def test_rows_at_their_own_positions_equal_separate_runs(tmp_path):
+    """A (B,) start_pos runs each row at its own position: the same as running the rows alone."""
+    state = random_state_dict(TINY_PARAMS, seed=6)
+    model = our_model(tmp_path, TINY_PARAMS, state, max_seq_len=64, max_batch_size=3)
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 9, 2)]
+    with torch.no_grad():
+        alone = []
+        for prompt in prompts:  # prefill, then one more token at the next position
+            model(prompt[None, :-1], 0)
+            alone.append(model(prompt[None, -1:], len(prompt) - 1)[0, -1])
+        padded = torch.zeros(3, 8, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            padded[row, : len(prompt) - 1] = prompt[:-1]
+        model(padded, torch.zeros(3, dtype=torch.long))  # right-padded prefill, one pass
+        last = torch.stack([p[-1] for p in prompts])[:, None]
+        together = model(last, torch.tensor([len(p) - 1 for p in prompts]))[:, -1]
+    assert (together - torch.stack(alone)).abs().max().item() <= 1e-5
