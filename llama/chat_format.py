@@ -173,7 +173,8 @@ class Llama2ChatFormat:
                     f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ", bos=True, eos=True
                 )
             )
-        tokens.extend(self.tokenizer.encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}", bos=True, eos=False))
+        last = messages[-1]["content"].strip()
+        tokens.extend(self.tokenizer.encode(f"{B_INST} {last} {E_INST}", bos=True, eos=False))
         return tokens
 
 
