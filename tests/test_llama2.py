@@ -452,3 +452,44 @@ def test_dim_split_shards_under_torchrun_match_one_shard(llama2_checkpoints, tra
     assert two["greedy"] == one["greedy"] and all(len(t) > 0 for t in one["greedy"])
     assert two["sampled"] == one["sampled"]
     assert two["chat"] == one["chat"]
+
+
+# --- Hugging Face Llama 2 directories ----------------------------------------------------------
+
+
+def test_hugging_face_llama2_converts(tmp_path, trained_spm):
+    """A Hugging Face Llama 2 directory (safetensors, SentencePiece tokenizer.model, no tokenizer.json)
+    converts into a checkpoint whose logits equal transformers' and whose tokenizer and chat format
+    are Llama 2's."""
+    transformers = pytest.importorskip("transformers")
+    from llama.convert import convert
+
+    n_words = SentencePieceTokenizer(trained_spm).n_words
+    config = transformers.LlamaConfig(
+        vocab_size=n_words, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2,  # transformers' defaults: rope theta 10000, one key/value head per head
+    )
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in reference.parameters():  # larger than the default init, so layers matter in the logits
+            p.normal_(0, 0.3)
+    hf_dir = tmp_path / "Llama-2-tiny-hf"
+    reference.save_pretrained(hf_dir)
+    shutil.copy2(trained_spm, hf_dir / "tokenizer.model")
+
+    convert(hf_dir, tmp_path / "ckpt")
+    params = json.loads((tmp_path / "ckpt" / "params.json").read_text())
+    assert (params["rope_theta"], params["n_kv_heads"], params["vocab_size"]) == (10000.0, 4, n_words)
+    generator = Llama.build(tmp_path / "ckpt", tmp_path / "ckpt" / "tokenizer.model", max_seq_len=64, max_batch_size=2)
+    assert isinstance(generator.tokenizer, SentencePieceTokenizer)
+    assert isinstance(generator.formatter, Llama2ChatFormat)
+
+    tokens = torch.tensor([generator.tokenizer.encode("The quick brown fox jumps over the lazy dog.", bos=True, eos=False)])
+    with torch.no_grad():
+        max_diff = (generator.model(tokens, 0) - reference(tokens).logits).abs().max().item()
+    assert max_diff <= 1e-4, f"max |Δlogits| = {max_diff:.2e}"
+    [answer] = generator.chat_completion([[{"role": "user", "content": "What is the capital of France?"}]],
+                                          temperature=0, max_gen_len=8)
+    assert answer["generation"]["role"] == "assistant"
