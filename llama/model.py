@@ -168,6 +168,12 @@ class KVCache(nn.Module):
             self.v[rows, :, positions] = v.transpose(1, 2)
         return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
 
+    def reorder(self, rows: torch.Tensor):
+        """Row i of the cache becomes a copy of row rows[i] (beam search: each beam follows its parent)."""
+        n = rows.shape[0]
+        self.k[:n] = self.k[rows]
+        self.v[:n] = self.v[rows]
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -280,6 +286,11 @@ class Transformer(nn.Module):
         # Twice the context, as in the reference, so positions never run off the table.
         rope = precompute_rope(self.params.head_dim, 2 * max_seq_len, self.params.rope_theta, self.params.use_scaled_rope)
         self.register_buffer("rope", rope.to(weight.device), persistent=False)
+
+    def reorder_cache(self, rows: torch.Tensor):
+        """Cache row i takes the keys and values of row rows[i] (a (n,) long tensor), in every layer."""
+        for layer in self.layers:
+            layer.attention.cache.reorder(rows)
 
     def forward(
         self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None
