@@ -16,6 +16,7 @@ from llama.chat_format import Dialog, Message, make_chat_format
 from llama.checkpoint import find_shards, load_model, read_params
 from llama.distributed import choose_device, choose_dtype, is_main_process, setup_model_parallel
 from llama.model import ModelArgs, Transformer
+from llama.parallel import make_compilable
 from llama.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class Llama:
         *,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
+        compile: bool = False,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Loads a Meta-format checkpoint and its tokenizer.
 
@@ -63,6 +66,11 @@ class Llama:
             seed: seed of the sampling generator; every rank must use the same.
             device: defaults to this rank's GPU if CUDA is available, else the CPU.
             dtype: defaults to bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPU.
+            compile: compile the decode step with `torch.compile` (CUDA graphs on
+                GPUs). The first generation of each batch size pays the compilation.
+            quantize: "int8", "int4" or "llm.int8" quantizes the weights after
+                loading (see `llama.quantize`); a checkpoint written by
+                `python -m llama.quantize` is loaded quantized without this.
 
         Returns:
             A ready `Llama`. No global torch default (dtype, device) is changed.
@@ -101,11 +109,15 @@ class Llama:
 
         shard = shards[fs_init.get_model_parallel_rank()]
         model = load_model(shard, args, device, dtype)
+        if quantize is not None:
+            from llama.quantize import quantize_model  # optional feature, imported on use
+
+            quantize_model(model, quantize)
         if is_main_process():
             logger.info("Loaded in %.2f seconds", time.perf_counter() - start_time)
-        return Llama(model, tokenizer, seed=seed)
+        return Llama(model, tokenizer, seed=seed, compile=compile)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, seed: int = 1, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = make_chat_format(tokenizer)
@@ -113,6 +125,13 @@ class Llama:
         # Sampling draws from this generator only, never from torch's global one,
         # so every rank draws the same tokens and callers' RNG state is untouched.
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.compiled = compile
+        if compile:
+            # The decode step has static shapes (one token per row, the whole cache read),
+            # so it compiles once per batch size; on GPUs it is replayed as a CUDA graph.
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            make_compilable(model)  # fairscale's layers -> traceable twins with the same weights
+            self._decode_one = torch.compile(self._decode_one, mode=mode, fullgraph=True, dynamic=False)
 
     @torch.inference_mode()
     def generate(
@@ -205,12 +224,14 @@ class Llama:
             if step + 1 == max_steps:
                 return
             # Phase 2: one decode step. Rows past their limit write at the last slot of their own cache row.
-            kv_len = min(max(lengths) + step + 1, self.model.params.max_seq_len)
-            if same_length:
+            max_seq_len = self.model.params.max_seq_len
+            kv_len = min(max(lengths) + step + 1, max_seq_len)
+            if same_length and not self.compiled:
                 logits = self.model(next_token[:, None], kv_len - 1)[:, -1]
             else:
-                positions = torch.clamp(prompt_lens + step, max=self.model.params.max_seq_len - 1)  # (B,)
-                logits = self._decode_one(next_token[:, None], positions, kv_len)
+                positions = torch.clamp(prompt_lens + step, max=max_seq_len - 1)  # (B,)
+                # Compiled: read the whole cache (masked), a static shape whatever the step.
+                logits = self._decode_one(next_token[:, None], positions, max_seq_len if self.compiled else kv_len)
 
     def _decode_one(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Logits (B, V) of one new token per row (B, 1) at each row's position (B,)."""

@@ -332,9 +332,10 @@ class Transformer(nn.Module):
             positions = start_pos[:, None] + offsets  # (B, T)
             kv_len = self.params.max_seq_len if kv_len is None else kv_len
 
+        # Causal mask over the cache: a token at position p sees its row's positions <= p.
+        # Not needed for one new token at the same position in every row, reading exactly up to it.
         mask = None
-        if seqlen > 1 or positions.shape[0] > 1:
-            # Causal mask over the cache: a token at position p sees its row's positions <= p.
+        if not (isinstance(start_pos, int) and seqlen == 1 and kv_len == start_pos + 1):
             key_pos = torch.arange(kv_len, device=tokens.device)
             mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]  # (B or 1, 1, T, S)
 

@@ -159,3 +159,18 @@ def test_rows_at_their_own_positions_equal_separate_runs(tmp_path):
         last = torch.stack([p[-1] for p in prompts])[:, None]
         together = model(last, torch.tensor([len(p) - 1 for p in prompts]))[:, -1]
     assert (together - torch.stack(alone)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("bsz", [1, 2])
+def test_reading_the_whole_cache_equals_reading_the_filled_part(tmp_path, bsz):
+    """The static-shape decode step (kv_len = max_seq_len, unfilled positions masked) gives
+    the logits of the exact-length step, for one row as for several."""
+    state = random_state_dict(TINY_PARAMS, seed=7)
+    model = our_model(tmp_path, TINY_PARAMS, state, max_seq_len=32, max_batch_size=2)
+    tokens = torch.randint(0, 1000, (bsz, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(tokens[:, :5], 0)
+        exact = model(tokens[:, 5:], 5)
+        model(tokens[:, :5], 0)
+        static = model(tokens[:, 5:], torch.full((bsz,), 5), kv_len=32)
+    assert (static - exact).abs().max().item() <= 1e-5
