@@ -4,19 +4,22 @@ The API follows Meta's reference (`meta-llama/llama3`): `Llama.build` ->
 `generate` on token ids -> `text_completion` / `chat_completion` on strings.
 """
 
+import bisect
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, TypedDict, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
+from llama.beam_search import beam_search_hypotheses
 from llama.chat_format import Dialog, Message, make_chat_format
 from llama.checkpoint import find_shards, load_model, read_params
 from llama.distributed import choose_device, choose_dtype, is_main_process, setup_model_parallel
 from llama.model import ModelArgs, Transformer
 from llama.parallel import make_compilable
+from llama.processors import SamplingParams, next_token, pad_prompts, sample_top_p  # noqa: F401 (re-exported)
 from llama.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -142,6 +145,20 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        min_gen_len: int = 0,
+        repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        bad_words: Optional[Sequence[Union[str, Sequence[int]]]] = None,
+        stop: Optional[Sequence[str]] = None,
+        seed: Optional[int] = None,
+        n: int = 1,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: Union[bool, str] = False,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generates continuations of a batch of tokenized prompts.
 
@@ -154,12 +171,48 @@ class Llama:
                 probabilities sum to top_p.
             logprobs: also return the log-probability of each returned token.
             echo: return the prompt tokens before the generated ones.
+            top_k: sample among the k most likely tokens only (0: all).
+            min_p: drop tokens less likely than min_p times the most likely one (0: none).
+            min_gen_len: stop tokens are not generated before this many tokens.
+            repetition_penalty: > 1 discourages tokens already in the prompt or
+                the generation (CTRL / transformers semantics; 1: off).
+            presence_penalty, frequency_penalty: in [-2, 2], subtracted from the logits
+                of generated tokens once, and once per occurrence (OpenAI semantics; 0: off).
+            bad_words: words never generated: token-id lists, or strings (banned as
+                tokenized alone and after a space). A word of several tokens is banned
+                only where its other tokens were just generated.
+            stop: strings that end a generation once the decoded text holds one; the
+                token completing it is the last returned (`text_completion` and
+                `chat_completion` cut their text before the string).
+            seed: seeds a fresh generator for this call only (default: the generator
+                seeded in `build`, which carries on from call to call).
+            n: continuations per prompt (sampled, or the n best beams), returned
+                prompt by prompt: results[i * n + j] is prompt i's j-th. Sampling needs
+                len(prompt_tokens) * n <= max_batch_size.
+            num_beams: > 1 decodes each prompt by beam search with transformers'
+                semantics (`llama.beam_search`): temperature, top_p, top_k and min_p are
+                ignored, the penalties, bad words and min_gen_len apply. Needs
+                num_beams <= max_batch_size.
+            length_penalty, early_stopping: beam search's, as in transformers.
 
         Returns:
-            (tokens, logprobs): per prompt, the generated token ids, cut before
-            the first stop token, and their log-probabilities (None unless requested).
+            (tokens, logprobs): per prompt (n per prompt), the generated token ids,
+            cut before the first stop token, and their log-probabilities (None unless requested).
+
+        Raises:
+            ValueError: an argument is out of its range (the message names it).
         """
-        self._check_generate_args(prompt_tokens, max_gen_len, temperature, top_p)
+        self._check_generate_args(prompt_tokens, max_gen_len, n, num_beams)
+        params = self._sampling_params(
+            temperature, top_p, top_k, min_p, min_gen_len, repetition_penalty, presence_penalty,
+            frequency_penalty, bad_words,
+        )
+        generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)
+        if num_beams > 1:
+            return self._generate_beams(
+                prompt_tokens, max_gen_len, params, logprobs, echo, stop, n, num_beams, length_penalty, early_stopping
+            )
+        prompt_tokens = [prompt for prompt in prompt_tokens for _ in range(n)]  # each prompt n times in a row
         max_seq_len = self.model.params.max_seq_len
         # Each row may generate until max_gen_len tokens or the end of the context.
         limits = [min(max_gen_len, max_seq_len - len(p)) for p in prompt_tokens]
@@ -168,12 +221,15 @@ class Llama:
         stopped = torch.zeros(len(prompt_tokens), dtype=torch.bool, device=self.device)
 
         new_tokens, new_logprobs = [], []  # one (B,) tensor per step, kept on the device
-        steps = self._decode_steps(prompt_tokens, max(limits), temperature, top_p, logprobs)
+        steps = self._decode_steps(prompt_tokens, max(limits), params, logprobs, generator)
         for step, (tokens, token_logprobs) in enumerate(steps):
             new_tokens.append(tokens)
             new_logprobs.append(token_logprobs)
-            # Stop check: a row stops at a stop token or at its length limit.
+            # Stop check: a row stops at a stop token or at its length limit,
             stopped |= torch.isin(tokens, stop_tokens) | (step + 1 >= limit)
+            if stop:  # or once its text holds a stop string (decoding: host work each step)
+                texts = [self.tokenizer.decode(row) for row in torch.stack(new_tokens, dim=1).tolist()]
+                stopped |= torch.tensor([any(s in text for s in stop) for text in texts], device=self.device)
             if stopped.all():  # the one host-device sync of a step
                 break
 
@@ -186,13 +242,20 @@ class Llama:
         for row, prompt in enumerate(prompt_tokens):
             row_tokens = generated[row][: limits[row]]
             end = next((i for i, t in enumerate(row_tokens) if t in stop_set), len(row_tokens))
+            if stop:
+                end = min(end, self._stop_string_end(row_tokens, stop) or end)
             out_tokens.append((prompt if echo else []) + row_tokens[:end])
             if logprobs:
                 out_logprobs.append((prompt_logprobs[row] if echo else []) + generated_logprobs[row][:end])
         return out_tokens, (out_logprobs if logprobs else None)
 
     def _decode_steps(
-        self, prompt_tokens: List[List[int]], max_steps: int, temperature: float, top_p: float, logprobs: bool
+        self,
+        prompt_tokens: List[List[int]],
+        max_steps: int,
+        params: SamplingParams,
+        logprobs: bool,
+        generator: torch.Generator,
     ) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """The decoding loop. Yields, for each new position, every row's next
         token (B,) and, if asked, its log-probability (B,); stop by closing the iterator.
@@ -214,24 +277,27 @@ class Llama:
         hidden = self.model.forward_hidden(padded, start, kv_len=max(lengths))  # (B, L, D)
         last_hidden = hidden[torch.arange(bsz, device=self.device), prompt_lens - 1]  # (B, D)
         logits = self.model.output(last_hidden).float()  # (B, V)
+        prompts = pad_prompts(prompt_tokens, self.device)  # (B, L) left-padded with -1: the processors' context
+        generated = torch.empty(bsz, 0, dtype=torch.long, device=self.device)  # (B, step)
 
         for step in range(max_steps):
-            next_token = self._sample(logits, temperature, top_p)  # (B,)
+            tokens = next_token(logits, generated, params, generator, prompt=prompts)  # (B,)
             token_logprobs = None
             if logprobs:  # of the unscaled distribution, as in the reference
-                token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0]
-            yield next_token, token_logprobs
+                token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, None])[:, 0]
+            yield tokens, token_logprobs
             if step + 1 == max_steps:
                 return
+            generated = torch.cat([generated, tokens[:, None]], dim=1)
             # Phase 2: one decode step. Rows past their limit write at the last slot of their own cache row.
             max_seq_len = self.model.params.max_seq_len
             kv_len = min(max(lengths) + step + 1, max_seq_len)
             if same_length and not self.compiled:
-                logits = self.model(next_token[:, None], kv_len - 1)[:, -1]
+                logits = self.model(tokens[:, None], kv_len - 1)[:, -1]
             else:
                 positions = torch.clamp(prompt_lens + step, max=max_seq_len - 1)  # (B,)
                 # Compiled: read the whole cache (masked), a static shape whatever the step.
-                logits = self._decode_one(next_token[:, None], positions, max_seq_len if self.compiled else kv_len)
+                logits = self._decode_one(tokens[:, None], positions, max_seq_len if self.compiled else kv_len)
 
     def _decode_one(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Logits (B, V) of one new token per row (B, 1) at each row's position (B,)."""
@@ -247,21 +313,82 @@ class Llama:
             result.append([0.0] + lp.tolist())
         return result
 
-    def _sample(self, last_logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-        """Next token of each row from the logits of its last position: (B, V) -> (B,)."""
-        if temperature > 0:
-            probs = torch.softmax(last_logits / temperature, dim=-1)
-            return sample_top_p(probs, top_p, generator=self.generator).reshape(-1)
-        return torch.argmax(last_logits, dim=-1)
+    def _generate_beams(
+        self, prompt_tokens, max_gen_len, params, logprobs, echo, stop, n, num_beams, length_penalty, early_stopping
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """`generate` by beam search: one prompt at a time, its beams as rows of the KV cache."""
+        prompt_logprobs = self._prompt_logprobs(prompt_tokens) if logprobs and echo else None
+        out_tokens, out_logprobs = [], []
+        for i, prompt in enumerate(prompt_tokens):
+            if len(prompt) >= self.model.params.max_seq_len:  # no room: nothing generated, as when sampling
+                hypotheses = [([], [])] * n
+            else:
+                found = beam_search_hypotheses(
+                    self.model, prompt, max_gen_len, num_beams, length_penalty, early_stopping,
+                    self.tokenizer.stop_tokens, params=params,
+                )
+                hypotheses = [(h.tokens, h.logprobs) for h in found[:n]]
+            for tokens, token_logprobs in hypotheses:
+                end = self._stop_string_end(tokens, stop) if stop else None  # stop strings cut afterwards
+                out_tokens.append((prompt if echo else []) + tokens[:end])
+                out_logprobs.append((prompt_logprobs[i] if echo else []) + token_logprobs[:end])
+        return out_tokens, (out_logprobs if logprobs else None)
 
-    def _check_generate_args(self, prompt_tokens, max_gen_len, temperature, top_p):
+    def _sampling_params(
+        self, temperature, top_p, top_k, min_p, min_gen_len, repetition_penalty, presence_penalty,
+        frequency_penalty, bad_words,
+    ) -> SamplingParams:
+        """The validated controls. A bad word given as text is banned as tokenized alone and after a space."""
+        words = []
+        for word in bad_words or []:
+            if isinstance(word, str):
+                words.append(self.tokenizer.encode(word, bos=False, eos=False))
+                words.append(self.tokenizer.encode(" " + word, bos=False, eos=False))
+            else:
+                words.append(list(word))
+        vocab_size = self.model.params.vocab_size
+        for word in words:
+            if any(not 0 <= t < vocab_size for t in word):
+                raise ValueError(f"bad_words: {word} holds token ids outside the vocabulary [0, {vocab_size})")
+        return SamplingParams(
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, min_gen_len=min_gen_len,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, bad_words=list(dict.fromkeys(map(tuple, words))),
+            stop_tokens=self.tokenizer.stop_tokens,
+        )
+
+    def _stop_string_end(self, tokens: List[int], stop: Sequence[str]) -> Optional[int]:
+        """How many of `tokens` it takes for their text to hold a stop string (None: all of them do not)."""
+
+        def holds_stop(end: int) -> bool:
+            text = self.tokenizer.decode(tokens[:end])
+            return any(s in text for s in stop)
+
+        if not holds_stop(len(tokens)):
+            return None
+        # A longer prefix's text extends a shorter one's: the first prefix that holds one, by bisection.
+        return 1 + bisect.bisect_left(range(1, len(tokens) + 1), True, key=holds_stop)
+
+    def _check_generate_args(self, prompt_tokens, max_gen_len, n, num_beams):
         params = self.model.params
         if len(prompt_tokens) == 0:
             raise ValueError("no prompts given: pass at least one")
-        if len(prompt_tokens) > params.max_batch_size:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+        if num_beams > params.max_batch_size:
             raise ValueError(
-                f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}: "
-                f"pass fewer, or build with a larger max_batch_size"
+                f"num_beams={num_beams} exceeds max_batch_size={params.max_batch_size}: each beam is a row of "
+                f"the KV cache; pass fewer beams, or build with a larger max_batch_size"
+            )
+        if num_beams > 1 and n > num_beams:
+            raise ValueError(f"n={n} exceeds num_beams={num_beams}: beam search returns at most num_beams sequences")
+        rows = len(prompt_tokens) * n if num_beams == 1 else 0
+        if rows > params.max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens)} prompts{f' x n={n}' if n > 1 else ''} exceed max_batch_size="
+                f"{params.max_batch_size}: pass fewer, or build with a larger max_batch_size"
             )
         for i, prompt in enumerate(prompt_tokens):
             if len(prompt) == 0:
@@ -275,10 +402,6 @@ class Llama:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {params.vocab_size})")
         if max_gen_len < 1:
             raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
     def text_completion(
         self,
@@ -288,6 +411,7 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        **options,
     ) -> List[CompletionPrediction]:
         """Continues each text prompt.
 
@@ -297,27 +421,34 @@ class Llama:
             max_gen_len: most tokens generated; defaults to max_seq_len - 1.
             logprobs: also return each generated token's text and log-probability.
             echo: include the prompt in the returned text.
+            **options: `generate`'s keyword-only controls (top_k, min_p, min_gen_len,
+                repetition_penalty, presence_penalty, frequency_penalty, bad_words,
+                stop, seed, n, num_beams, length_penalty, early_stopping).
 
         Returns:
-            One `CompletionPrediction` per prompt: {"generation": str} plus
-            "tokens" and "logprobs" when logprobs=True.
+            One `CompletionPrediction` per prompt (n per prompt, prompt by prompt):
+            {"generation": str}, cut before any stop string, plus "tokens" and
+            "logprobs" when logprobs=True.
         """
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         generation_tokens, generation_logprobs = self.generate(
-            prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo
+            prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo, **options
         )
+        n = options.get("n", 1)
+        # With echo the text starts with the prompt: stop strings are looked for after it.
+        starts = [len(self.tokenizer.decode(p)) if echo else 0 for p in prompt_tokens for _ in range(n)]
+        texts = [
+            _cut_at_stop(self.tokenizer.decode(t), options.get("stop"), start)
+            for t, start in zip(generation_tokens, starts)
+        ]
         if logprobs:
             return [
-                {
-                    "generation": self.tokenizer.decode(t),
-                    "tokens": [self.tokenizer.decode([x]) for x in t],
-                    "logprobs": lp,
-                }
-                for t, lp in zip(generation_tokens, generation_logprobs)
+                {"generation": text, "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for text, t, lp in zip(texts, generation_tokens, generation_logprobs)
             ]
-        return [{"generation": self.tokenizer.decode(t)} for t in generation_tokens]
+        return [{"generation": text} for text in texts]
 
     def chat_completion(
         self,
@@ -326,6 +457,7 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        **options,
     ) -> List[ChatPrediction]:
         """Generates the assistant's next message for each dialog.
 
@@ -335,9 +467,10 @@ class Llama:
             temperature, top_p: as in `generate`.
             max_gen_len: most tokens generated; defaults to max_seq_len - 1.
             logprobs: also return each generated token's text and log-probability.
+            **options: `generate`'s keyword-only controls, as in `text_completion`.
 
         Returns:
-            One `ChatPrediction` per dialog: {"generation": {"role": "assistant",
+            One `ChatPrediction` per dialog (n per dialog, dialog by dialog): {"generation": {"role": "assistant",
             "content": str}} plus "tokens" and "logprobs" when logprobs=True.
             A dialog the chat format refuses (Llama 2: text holding its [INST] or
             <<SYS>> tags) is not generated: its content is the format's error
@@ -352,17 +485,17 @@ class Llama:
         generation_tokens, generation_logprobs = [], None
         if accepted:
             generation_tokens, generation_logprobs = self.generate(
-                accepted, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs
+                accepted, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, **options
             )
         generated = iter(zip(generation_tokens, generation_logprobs or [None] * len(generation_tokens)))
 
         predictions: List[ChatPrediction] = []
-        for refusal in refusals:
+        for refusal in (r for r in refusals for _ in range(options.get("n", 1))):
             if refusal is not None:  # not generated: the refusal is the whole answer
                 tokens, token_logprobs, content = [], [], refusal
             else:
                 tokens, token_logprobs = next(generated)
-                content = self.tokenizer.decode(tokens)
+                content = _cut_at_stop(self.tokenizer.decode(tokens), options.get("stop"))
             prediction: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
             if logprobs:
                 prediction["tokens"] = [self.tokenizer.decode([x]) for x in tokens]
@@ -371,22 +504,7 @@ class Llama:
         return predictions
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Nucleus sampling: draws from the smallest set of most likely tokens whose
-    probabilities sum to at least p.
-
-    Args:
-        probs: (B, V) probability distributions.
-        p: the cumulative probability kept.
-        generator: the random generator to draw from (torch's global one if None).
-
-    Returns:
-        (B, 1) sampled token ids.
-    """
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p  # tokens entirely beyond the nucleus
-    probs_sort[mask] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token)
+def _cut_at_stop(text: str, stop: Optional[Sequence[str]], start: int = 0) -> str:
+    """text before the first stop string found at or after `start` (all of it if none is)."""
+    found = [i for i in (text.find(s, start) for s in stop or []) if i >= 0]
+    return text[: min(found)] if found else text

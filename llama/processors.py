@@ -1,0 +1,246 @@
+"""Choosing the next token: logits processors, then greedy choice or sampling.
+
+Each processor is a small pure function on fp32 logits (B, V) that returns new
+logits and leaves its input alone. `next_token` applies them in transformers'
+order (which has no presence/frequency penalties: they sit by the other penalty):
+
+    1. repetition_penalty           tokens of the prompt and of the generation (CTRL)
+    2. presence_frequency_penalty   tokens of the generation only (OpenAI)
+    3. ban_bad_words                banned token sequences
+    4. min_new_tokens               stop tokens forbidden until min_gen_len tokens exist
+       -> temperature == 0: the most likely token (greedy); otherwise:
+    5. temperature_scale
+    6. top_k
+    7. top_p, min_p                 on the sorted probabilities, in `sample_top_p`
+    8. one draw from what is left
+
+Every control is off at its default, and an off processor returns its input,
+so the defaults draw exactly what the reference draws:
+`sample_top_p(torch.softmax(logits / temperature, -1), top_p, generator)`.
+Top-p and min-p live in that sampler, on its sorted probabilities, rather
+than as logits masks: the same sort, masks and draw keep the reference's
+tokens for a given generator state, bit for bit.
+
+Shapes: B rows, V vocabulary ids, t tokens generated so far, L prompt length.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Every control of how the next token is chosen; validated when built.
+
+    Defaults are the reference's temperature and top_p with everything else off.
+    """
+
+    temperature: float = 0.6  # 0: greedy
+    top_p: float = 0.9  # 1: off
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    min_gen_len: int = 0  # stop tokens are forbidden until this many tokens are generated
+    repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0  # 0: off
+    frequency_penalty: float = 0.0  # 0: off
+    bad_words: Tuple[Tuple[int, ...], ...] = ()  # token-id sequences never generated
+    stop_tokens: Tuple[int, ...] = ()  # for min_gen_len
+
+    def __post_init__(self):
+        # Freeze lists into tuples, so params are hashable and cannot change behind the loop's back.
+        try:
+            object.__setattr__(self, "bad_words", tuple(tuple(word) for word in self.bad_words))
+            object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
+        except TypeError as e:
+            raise ValueError(f"bad_words must be a list of token-id lists and stop_tokens a list of ids: {e}") from e
+        self.validate()
+
+    def validate(self) -> "SamplingParams":
+        """Raises ValueError naming the first control outside its allowed range; returns self."""
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
+        if not _is_int(self.min_gen_len) or self.min_gen_len < 0:
+            raise ValueError(f"min_gen_len must be an integer >= 0, got {self.min_gen_len!r}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2] (0 turns it off), got {value}")
+        for word in self.bad_words:
+            if len(word) == 0 or not all(_is_int(t) and t >= 0 for t in word):
+                raise ValueError(f"bad_words must be non-empty lists of token ids >= 0, got {list(word)}")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_tokens):
+            raise ValueError(f"stop_tokens must be token ids >= 0, got {list(self.stop_tokens)}")
+        return self
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# --- Helpers -------------------------------------------------------------------------------------
+
+
+def pad_prompts(prompt_tokens: Sequence[Sequence[int]], device=None) -> torch.Tensor:
+    """Prompts as one (B, L) tensor, left-padded with -1: row b's last prompt token sits in column L - 1,
+    so `torch.cat([prompts, generated], 1)` keeps each row's tokens contiguous up to its end."""
+    length = max(len(p) for p in prompt_tokens)
+    padded = torch.full((len(prompt_tokens), length), -1, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompt_tokens):
+        padded[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
+    return padded
+
+
+def token_counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, V) fp32: how often each id occurs in each row of tokens (B, t); -1 (padding) is not counted."""
+    counts = torch.zeros(tokens.shape[0], vocab_size + 1, device=tokens.device)
+    ids = torch.where(tokens < 0, vocab_size, tokens)  # padding lands in a spare last column
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+# --- Processors: (B, V) logits -> (B, V) logits, in pipeline order ---------------------------------
+
+
+def repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Tokens already in context (B, L + t) get positive logits divided by penalty and negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
+    seen = token_counts(context, logits.shape[-1]) > 0  # (B, V)
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def presence_frequency_penalty(
+    logits: torch.Tensor, generated: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's penalties: subtract frequency * count + presence * (count > 0) over generated tokens (B, t)."""
+    if presence == 0.0 and frequency == 0.0:
+        return logits
+    counts = token_counts(generated, logits.shape[-1])  # (B, V)
+    return logits - frequency * counts - presence * (counts > 0).float()
+
+
+def ban_bad_words(logits: torch.Tensor, context: torch.Tensor, bad_words: Sequence[Sequence[int]]) -> torch.Tensor:
+    """-inf on each word's last token where context (B, L + t) ends with the word's other tokens (always for one)."""
+    if not bad_words:
+        return logits
+    banned = torch.zeros_like(logits, dtype=torch.bool)  # (B, V)
+    for *prefix, last in bad_words:
+        if len(prefix) > context.shape[1]:
+            continue  # the context is too short to hold the prefix
+        tail = context[:, context.shape[1] - len(prefix) :]  # (B, len(prefix))
+        prefix_ids = torch.tensor(prefix, dtype=torch.long, device=context.device)
+        banned[:, last] |= (tail == prefix_ids).all(dim=1)  # an empty prefix always matches
+    return logits.masked_fill(banned, -math.inf)
+
+
+def min_new_tokens(logits: torch.Tensor, n_generated: int, min_gen_len: int, stop_tokens: Sequence[int]):
+    """-inf on the stop tokens while fewer than min_gen_len tokens have been generated."""
+    if n_generated >= min_gen_len or not stop_tokens:
+        return logits
+    logits = logits.clone()
+    logits[:, list(stop_tokens)] = -math.inf
+    return logits
+
+
+def temperature_scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits divided by the temperature (> 0): below 1 sharpens, above 1 flattens."""
+    return logits / temperature
+
+
+def top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """-inf on every token less likely than the k-th most likely of its row (ties with it are kept)."""
+    if k == 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def top_p_mask(probs_sort: torch.Tensor, p: float) -> torch.Tensor:
+    """On probabilities sorted descending (B, V): True for tokens entirely beyond the nucleus of mass p."""
+    return torch.cumsum(probs_sort, dim=-1) - probs_sort > p
+
+
+def min_p_mask(probs_sort: torch.Tensor, min_p: float) -> torch.Tensor:
+    """On probabilities sorted descending (B, V): True for tokens less likely than min_p times the top one."""
+    return probs_sort < min_p * probs_sort[:, :1]
+
+
+# --- Sampling ------------------------------------------------------------------------------------
+
+
+def sample_top_p(
+    probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None, min_p: float = 0.0
+) -> torch.Tensor:
+    """Nucleus sampling: draws from the smallest set of most likely tokens whose
+    probabilities sum to at least p.
+
+    Args:
+        probs: (B, V) probability distributions.
+        p: the cumulative probability kept.
+        generator: the random generator to draw from (torch's global one if None).
+        min_p: also drop tokens less likely than min_p times the most likely
+            one (0, the default, drops none). Like transformers, the nucleus is
+            taken first, on probs as given.
+
+    Returns:
+        (B, 1) sampled token ids.
+    """
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    mask = top_p_mask(probs_sort, p)
+    if min_p > 0:
+        mask |= min_p_mask(probs_sort, min_p)
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def apply_processors(
+    logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams, prompt: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Steps 1-4 (penalties, bans, minimum length): those that also apply to greedy and beam search."""
+    context = generated  # (B, t), or (B, L + t) with the prompt, for the processors that read it
+    if prompt is not None and (params.repetition_penalty != 1.0 or params.bad_words):
+        context = torch.cat([prompt, generated], dim=1)
+    logits = repetition_penalty(logits, context, params.repetition_penalty)
+    logits = presence_frequency_penalty(logits, generated, params.presence_penalty, params.frequency_penalty)
+    logits = ban_bad_words(logits, context, params.bad_words)
+    return min_new_tokens(logits, generated.shape[1], params.min_gen_len, params.stop_tokens)
+
+
+def next_token(
+    logits: torch.Tensor,
+    generated: torch.Tensor,
+    params: SamplingParams,
+    generator: Optional[torch.Generator] = None,
+    prompt: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Each row's next token (B,) from its logits (B, V), in the order of this module's docstring.
+
+    Args:
+        logits: fp32 logits of each row's last position.
+        generated: (B, t) tokens generated so far (t may be 0).
+        params: the controls.
+        generator: the random generator to draw from (torch's global one if None).
+        prompt: (B, L) prompt tokens left-padded with -1 (`pad_prompts`), for the
+            repetition penalty and bad words that start in the prompt; None: the
+            generated tokens alone are the context.
+    """
+    logits = apply_processors(logits, generated, params, prompt)
+    if params.temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    logits = top_k(temperature_scale(logits, params.temperature), params.top_k)
+    probs = torch.softmax(logits, dim=-1)
+    return sample_top_p(probs, params.top_p, generator, min_p=params.min_p).reshape(-1)
