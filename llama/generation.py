@@ -5,6 +5,7 @@ The API follows Meta's reference (`meta-llama/llama3`): `Llama.build` ->
 """
 
 import bisect
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from llama.distributed import choose_device, choose_dtype, is_main_process, setu
 from llama.model import ModelArgs, Transformer
 from llama.parallel import make_compilable
 from llama.processors import SamplingParams, next_token, pad_prompts, sample_top_p  # noqa: F401 (re-exported)
+from llama.streaming import TextStream
 from llama.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -204,8 +206,9 @@ class Llama:
         """
         self._check_generate_args(prompt_tokens, max_gen_len, n, num_beams)
         params = self._sampling_params(
-            temperature, top_p, top_k, min_p, min_gen_len, repetition_penalty, presence_penalty,
-            frequency_penalty, bad_words,
+            temperature, top_p, top_k=top_k, min_p=min_p, min_gen_len=min_gen_len,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, bad_words=bad_words,
         )
         generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)
         if num_beams > 1:
@@ -335,8 +338,8 @@ class Llama:
         return out_tokens, (out_logprobs if logprobs else None)
 
     def _sampling_params(
-        self, temperature, top_p, top_k, min_p, min_gen_len, repetition_penalty, presence_penalty,
-        frequency_penalty, bad_words,
+        self, temperature, top_p, *, top_k=0, min_p=0.0, min_gen_len=0, repetition_penalty=1.0,
+        presence_penalty=0.0, frequency_penalty=0.0, bad_words=None,
     ) -> SamplingParams:
         """The validated controls. A bad word given as text is banned as tokenized alone and after a space."""
         words = []
@@ -502,6 +505,67 @@ class Llama:
                 prediction["logprobs"] = token_logprobs
             predictions.append(prediction)
         return predictions
+
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompt: Union[str, Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        **options,
+    ) -> Iterator[str]:
+        """Generates one completion (prompt: a string) or one assistant reply
+        (prompt: a dialog), yielding its text piece by piece as tokens are decided.
+
+        Joined, the pieces are what `text_completion` / `chat_completion` return
+        for the same arguments and seed. A character whose bytes span several
+        tokens is yielded once whole; a stop string ends the stream before it,
+        even when it spans tokens. Closing the iterator early (or an exception
+        in the caller's loop) leaves the generator ready for the next call.
+
+        Args:
+            prompt: the text to continue, or a dialog to answer.
+            temperature, top_p, max_gen_len: as in `text_completion`.
+            **options: `generate`'s keyword-only controls for one sequence (not n or num_beams).
+
+        Yields:
+            Pieces of text, each non-empty.
+        """
+        if "n" in options or "num_beams" in options:
+            raise ValueError("stream generates one sequence: n and num_beams are not supported")
+        stop, seed = options.pop("stop", None) or (), options.pop("seed", None)
+        if isinstance(prompt, str):
+            prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        else:
+            refuse = getattr(self.formatter, "refusal", None)
+            refusal = refuse(prompt) if refuse else None
+            if refusal is not None:
+                yield refusal
+                return
+            prompt_tokens = self.formatter.encode_dialog_prompt(prompt)
+        max_seq_len = self.model.params.max_seq_len
+        max_gen_len = max_seq_len - 1 if max_gen_len is None else max_gen_len
+        self._check_generate_args([prompt_tokens], max_gen_len, 1, 1)
+        params = self._sampling_params(temperature, top_p, **options)
+        generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)
+
+        text = TextStream(self.tokenizer, stop)
+        limit = min(max_gen_len, max_seq_len - len(prompt_tokens))
+        with contextlib.closing(self._decode_steps([prompt_tokens], limit, params, False, generator)) as steps:
+            for tokens, _ in steps:
+                token = int(tokens[0])  # a host-device sync per token: the text needs it
+                if token in self.tokenizer.stop_tokens:
+                    break
+                piece = text.push(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    return
+        rest = text.flush()
+        if rest:
+            yield rest
 
 
 def _cut_at_stop(text: str, stop: Optional[Sequence[str]], start: int = 0) -> str:
