@@ -41,6 +41,8 @@ def validate_dialog(dialog: Dialog) -> None:
             raise ValueError(f"message {i} has role {message['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(message["content"], str):
             raise ValueError(f"message {i} content must be a str, got {type(message['content']).__name__}")
+        if not message["content"].strip():
+            raise ValueError(f"message {i} ({message['role']}) has empty content")
 
 
 class ChatFormat:

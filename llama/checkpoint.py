@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import fairscale.nn.model_parallel.layers as fs_layers
+import safetensors
+import safetensors.torch
 import torch
 
+from llama.distributed import available_memory
 from llama.model import ModelArgs, Transformer
 
 logger = logging.getLogger(__name__)
@@ -29,15 +32,20 @@ IGNORED_KEYS = {"rope.freqs"}
 
 
 def find_shards(ckpt_dir: Path) -> List[Path]:
-    """The checkpoint's shards in rank order: consolidated.00.pth, consolidated.01.pth, ..."""
+    """The checkpoint's shards in rank order: consolidated.00.pth, consolidated.01.pth, ...
+
+    A shard saved as safetensors (consolidated.00.safetensors) is preferred to
+    the .pth of the same name: it cannot hold code at all.
+    """
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
-    shards = sorted(ckpt_dir.glob("*.pth"))
+    shards = {path.stem: path for path in ckpt_dir.glob("*.pth")}
+    shards.update({path.stem: path for path in ckpt_dir.glob("*.safetensors")})
     if not shards:
         raise FileNotFoundError(
-            f"no *.pth checkpoint shard in {ckpt_dir}; expected consolidated.00.pth ... (Meta's format)"
+            f"no *.pth or *.safetensors checkpoint shard in {ckpt_dir}; expected consolidated.00.pth ... (Meta's format)"
         )
-    return shards
+    return [shards[stem] for stem in sorted(shards)]
 
 
 def read_params(ckpt_dir: Path) -> dict:
@@ -52,6 +60,11 @@ def read_params(ckpt_dir: Path) -> dict:
 
 def load_shard(path: Path) -> StateDict:
     """Maps one shard into memory. Refuses pickles that hold anything but tensors and plain containers."""
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path)  # mapped, not read, until a tensor is used
+        except (safetensors.SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read checkpoint shard {path}: {e}") from e
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -251,8 +264,26 @@ def load_model(shard_path: Path, args: ModelArgs, device: torch.device, dtype: t
 
     state = {name: t.to(device=device, dtype=dtype) if t.is_floating_point() else t for name, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    check_cache_fits(model, device, dtype)
     model.setup_caches(args.max_batch_size, args.max_seq_len)
     return model
+
+
+def check_cache_fits(model: Transformer, device: torch.device, dtype: torch.dtype) -> None:
+    """Raises ValueError, before allocating, if the KV cache would not fit in the device's free memory."""
+    args = model.params
+    attention = model.layers[0].attention
+    bytes_per_position = 2 * args.n_layers * attention.n_local_kv_heads * attention.head_dim * dtype.itemsize  # k, v
+    needed = args.max_batch_size * args.max_seq_len * bytes_per_position
+    free = available_memory(device)
+    if needed > free:
+        positions = free // bytes_per_position
+        raise ValueError(
+            f"the KV cache for max_batch_size={args.max_batch_size} x max_seq_len={args.max_seq_len} needs "
+            f"{needed / 2**30:.2f} GiB on {device}, but only {free / 2**30:.2f} GiB is free: at most "
+            f"{positions:,} positions fit, e.g. max_seq_len={positions // args.max_batch_size} at this batch size, "
+            f"or max_batch_size={positions // args.max_seq_len} at this length"
+        )
 
 
 def _abbreviate(items: Sequence[str], limit: int = 8) -> str:

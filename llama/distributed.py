@@ -48,6 +48,21 @@ def choose_dtype(device: torch.device, dtype: Optional[Union[str, torch.dtype]] 
     return torch.float32
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: the GPU's free memory, else the host's available memory."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")  # other Unixes
+
+
 def setup_model_parallel(model_parallel_size: Optional[int], device: torch.device) -> int:
     """Joins (or creates) the process group and fairscale's model-parallel groups.
 

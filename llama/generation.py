@@ -161,6 +161,7 @@ class Llama:
         num_beams: int = 1,
         length_penalty: float = 1.0,
         early_stopping: Union[bool, str] = False,
+        truncate: Optional[str] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generates continuations of a batch of tokenized prompts.
 
@@ -196,6 +197,9 @@ class Llama:
                 ignored, the penalties, bad words and min_gen_len apply. Needs
                 num_beams <= max_batch_size.
             length_penalty, early_stopping: beam search's, as in transformers.
+            truncate: a prompt too long for max_seq_len raises ValueError, unless
+                truncate is "left" (drop its oldest tokens, keeping BOS) or "right"
+                (drop its newest), so that it and max_gen_len tokens fit.
 
         Returns:
             (tokens, logprobs): per prompt (n per prompt), the generated token ids,
@@ -204,6 +208,8 @@ class Llama:
         Raises:
             ValueError: an argument is out of its range (the message names it).
         """
+        if truncate is not None:
+            prompt_tokens = [self._truncate(prompt, max_gen_len, truncate) for prompt in prompt_tokens]
         self._check_generate_args(prompt_tokens, max_gen_len, n, num_beams)
         params = self._sampling_params(
             temperature, top_p, top_k=top_k, min_p=min_p, min_gen_len=min_gen_len,
@@ -372,6 +378,29 @@ class Llama:
         # A longer prefix's text extends a shorter one's: the first prefix that holds one, by bisection.
         return 1 + bisect.bisect_left(range(1, len(tokens) + 1), True, key=holds_stop)
 
+    def _encode_text(self, index: int, prompt: str) -> List[int]:
+        """Token ids of a text prompt, after BOS; index names the prompt in errors."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt {index} must be a str, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError(
+                f"prompt {index} is empty: pass some text (to start from BOS alone, call generate([[bos_id]], ...))"
+            )
+        return self.tokenizer.encode(prompt, bos=True, eos=False)
+
+    def _truncate(self, prompt: List[int], max_gen_len: int, side: str) -> List[int]:
+        """The prompt cut so that it and max_gen_len new tokens fit in max_seq_len (at least one new token)."""
+        if side not in ("left", "right"):
+            raise ValueError(f"truncate must be 'left', 'right' or None, got {side!r}")
+        room = max(1, self.model.params.max_seq_len - max(max_gen_len, 1))
+        if len(prompt) <= room:
+            return prompt
+        logger.warning("prompt of %d tokens truncated on the %s to %d", len(prompt), side, room)
+        if side == "right":
+            return prompt[:room]
+        keep_bos = prompt[0] == self.tokenizer.bos_id and room > 1
+        return ([prompt[0]] if keep_bos else []) + prompt[len(prompt) - room + keep_bos :]
+
     def _check_generate_args(self, prompt_tokens, max_gen_len, n, num_beams):
         params = self.model.params
         if len(prompt_tokens) == 0:
@@ -396,10 +425,11 @@ class Llama:
         for i, prompt in enumerate(prompt_tokens):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
-            if len(prompt) > params.max_seq_len:
+            if len(prompt) >= params.max_seq_len:
                 raise ValueError(
-                    f"prompt {i} has {len(prompt)} tokens, more than max_seq_len={params.max_seq_len}: "
-                    f"shorten it or build with a larger max_seq_len"
+                    f"prompt {i} has {len(prompt)} tokens, but max_seq_len={params.max_seq_len} leaves room for "
+                    f"at most {params.max_seq_len - 1} (one position is for the answer): shorten it, pass "
+                    f"truncate='left' to keep its end, or build with a larger max_seq_len"
                 )
             if min(prompt) < 0 or max(prompt) >= params.vocab_size:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {params.vocab_size})")
@@ -435,7 +465,7 @@ class Llama:
         """
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = [self._encode_text(i, prompt) for i, prompt in enumerate(prompts)]
         generation_tokens, generation_logprobs = self.generate(
             prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo, **options
         )
@@ -535,9 +565,9 @@ class Llama:
         """
         if "n" in options or "num_beams" in options:
             raise ValueError("stream generates one sequence: n and num_beams are not supported")
-        stop, seed = options.pop("stop", None) or (), options.pop("seed", None)
+        stop, seed, truncate = options.pop("stop", None) or (), options.pop("seed", None), options.pop("truncate", None)
         if isinstance(prompt, str):
-            prompt_tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+            prompt_tokens = self._encode_text(0, prompt)
         else:
             refuse = getattr(self.formatter, "refusal", None)
             refusal = refuse(prompt) if refuse else None
@@ -547,6 +577,8 @@ class Llama:
             prompt_tokens = self.formatter.encode_dialog_prompt(prompt)
         max_seq_len = self.model.params.max_seq_len
         max_gen_len = max_seq_len - 1 if max_gen_len is None else max_gen_len
+        if truncate is not None:
+            prompt_tokens = self._truncate(prompt_tokens, max_gen_len, truncate)
         self._check_generate_args([prompt_tokens], max_gen_len, 1, 1)
         params = self._sampling_params(temperature, top_p, **options)
         generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)

@@ -127,7 +127,7 @@ def test_missing_directory(tmp_path, llama3_tokenizer_path):
 
 def test_no_shards(tmp_path, llama3_tokenizer_path):
     (tmp_path / "params.json").write_text(json.dumps(TINY_PARAMS))
-    with pytest.raises(FileNotFoundError, match=r"no \*.pth checkpoint shard"):
+    with pytest.raises(FileNotFoundError, match=r"no \*.pth or \*.safetensors checkpoint shard"):
         Llama.build(tmp_path, llama3_tokenizer_path, 32, 1)
 
 
@@ -188,7 +188,7 @@ def test_code_in_checkpoint_is_refused(tmp_path, llama3_tokenizer_path):
         ([], {}, "no prompts"),
         ([[]], {}, "prompt 0 is empty"),
         ([[1]] * 5, {}, "5 prompts exceed max_batch_size=4"),
-        ([[1] * 65], {}, "prompt 0 has 65 tokens, more than max_seq_len=64"),
+        ([[1] * 65], {}, "prompt 0 has 65 tokens, but max_seq_len=64 leaves room for at most 63"),
         ([[1, 128256]], {}, "outside the vocabulary"),
         ([[1]], {"max_gen_len": 0}, "max_gen_len must be >= 1"),
         ([[1]], {"temperature": -0.1}, "temperature must be >= 0"),
