@@ -24,10 +24,13 @@ def main(
     max_seq_len: int = 512,
     max_batch_size: int = 4,
     max_gen_len: Optional[int] = None,
+    stream: bool = True,
 ):
     """Answers a few dialogs; only rank 0 prints.
 
     max_gen_len defaults to max_seq_len - 1 (as long as the context allows).
+    stream: print each answer as it is generated, one dialog after the other;
+    --stream False answers the dialogs as one batch, as the reference does.
     """
     is_rank0 = int(os.environ.get("RANK", 0)) == 0
     if is_rank0:
@@ -69,14 +72,32 @@ These are just a few of the many attractions that Paris has to offer. With so mu
             {"role": "user", "content": "How to go from Beijing to NY?"},
         ],
     ]
-    results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    if stream:
+        for dialog in dialogs:
+            show(dialog, is_rank0)
+            show("> Assistant: ", is_rank0, end="")
+            for piece in generator.stream(dialog, **options):  # every rank runs the loop; rank 0 prints
+                show(piece, is_rank0, end="")
+            show("\n\n==================================\n", is_rank0)
+        return
+
+    results = generator.chat_completion(dialogs, **options)
+    for dialog, result in zip(dialogs, results):
+        show(dialog, is_rank0)
+        show(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}", is_rank0)
+        show("\n==================================\n", is_rank0)
+
+
+def show(what, is_rank0: bool, end: str = "\n"):
+    """Prints a dialog's messages, or a piece of text, on rank 0 only."""
     if not is_rank0:
         return
-    for dialog, result in zip(dialogs, results):
-        for msg in dialog:
-            print(f"{msg['role'].capitalize()}: {msg['content']}\n")
-        print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
-        print("\n==================================\n")
+    if isinstance(what, str):
+        print(what, end=end, flush=True)
+        return
+    for msg in what:
+        print(f"{msg['role'].capitalize()}: {msg['content']}\n")
 
 
 if __name__ == "__main__":

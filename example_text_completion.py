@@ -24,8 +24,13 @@ def main(
     max_seq_len: int = 128,
     max_gen_len: int = 64,
     max_batch_size: int = 4,
+    stream: bool = True,
 ):
-    """Continues a few prompts; only rank 0 prints."""
+    """Continues a few prompts; only rank 0 prints.
+
+    stream: print each continuation as it is generated, one prompt after the
+    other; --stream False continues the prompts as one batch, as the reference does.
+    """
     is_rank0 = int(os.environ.get("RANK", 0)) == 0
     if is_rank0:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -57,13 +62,24 @@ def main(
         plush girafe => girafe peluche
         cheese =>""",
     ]
-    results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-    if not is_rank0:
+    options = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    if stream:
+        for prompt in prompts:
+            show(f"{prompt}\n> ", is_rank0, end="")
+            for piece in generator.stream(prompt, **options):  # every rank runs the loop; rank 0 prints
+                show(piece, is_rank0, end="")
+            show("\n\n==================================\n", is_rank0)
         return
+
+    results = generator.text_completion(prompts, **options)
     for prompt, result in zip(prompts, results):
-        print(prompt)
-        print(f"> {result['generation']}")
-        print("\n==================================\n")
+        show(f"{prompt}\n> {result['generation']}\n\n==================================\n", is_rank0)
+
+
+def show(text: str, is_rank0: bool, end: str = "\n"):
+    """Prints on rank 0 only."""
+    if is_rank0:
+        print(text, end=end, flush=True)
 
 
 if __name__ == "__main__":
