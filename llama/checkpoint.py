@@ -191,6 +191,11 @@ def reshard(src: Path, dst: Path, n_shards: int, embedding_split: Optional[str] 
     """
     shard_paths = find_shards(src)
     params = read_params(src)
+    if "quantization" in params:
+        raise ValueError(
+            f"{src} is quantized ({params['quantization']}): each shard has its own scales, so it cannot be "
+            f"resharded; reshard the unquantized checkpoint, then quantize the result (python -m llama.quantize)"
+        )
     shards = [load_shard(path) for path in shard_paths]
     names = list(shards[0])
     source_split = "vocab"

@@ -103,6 +103,7 @@ class Llama:
                 f"(torchrun --nproc_per_node {len(shards)} ...) or pass model_parallel_size={len(shards)}"
             )
 
+        quantization = params.pop("quantization", None)  # written by `python -m llama.quantize`
         args = ModelArgs.from_params({**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
         if args.vocab_size <= 0:  # Llama 2's params.json leaves the vocabulary to the tokenizer
             args.vocab_size = tokenizer.n_words
@@ -113,8 +114,15 @@ class Llama:
             )
 
         shard = shards[fs_init.get_model_parallel_rank()]
-        model = load_model(shard, args, device, dtype)
+        if quantization is None:
+            model = load_model(shard, args, device, dtype)
+        else:
+            from llama.quantize import load_quantized_model, read_quantization
+
+            model = load_quantized_model(shard, args, device, dtype, read_quantization({"quantization": quantization}))
         if quantize is not None:
+            if quantization is not None:
+                raise ValueError(f"{ckpt_dir} is already quantized ({quantization['mode']}): build it without quantize=")
             from llama.quantize import quantize_model  # optional feature, imported on use
 
             quantize_model(model, quantize)

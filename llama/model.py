@@ -276,7 +276,7 @@ class Transformer(nn.Module):
         Call it again after moving the model to another dtype: `.to(dtype)`
         would cast the fp32 rotary table too.
         """
-        weight = self.output.weight
+        weight = self.norm.weight  # the model's float dtype, also when the projections are quantized
         self.params.max_batch_size, self.params.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
             attn = layer.attention
