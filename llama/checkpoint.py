@@ -237,12 +237,7 @@ def load_model(shard_path: Path, args: ModelArgs, device: torch.device, dtype: t
         ValueError: the shard's keys or shapes do not match the model that
             params.json describes (names the keys).
     """
-    state = load_shard(shard_path)
-    for key in IGNORED_KEYS & state.keys():
-        del state[key]
-    if "tok_embeddings.weight" in state:
-        args.embedding_split = embedding_split_of(state["tok_embeddings.weight"].shape, args.dim)
-
+    state = read_shard_for(shard_path, args)
     # Weights are allocated but never written (fairscale) or not allocated at
     # all (meta device) until the shard's tensors are assigned in their place.
     with torch.device("meta"), _skip_fairscale_init():
@@ -272,6 +267,17 @@ def load_model(shard_path: Path, args: ModelArgs, device: torch.device, dtype: t
     check_cache_fits(model, device, dtype)
     model.setup_caches(args.max_batch_size, args.max_seq_len)
     return model
+
+
+def read_shard_for(shard_path: Path, args: ModelArgs) -> StateDict:
+    """The shard's tensors without the keys the model does not use; records in `args`
+    how its token embedding is split (read from its shape)."""
+    state = load_shard(shard_path)
+    for key in IGNORED_KEYS & state.keys():
+        del state[key]
+    if "tok_embeddings.weight" in state:
+        args.embedding_split = embedding_split_of(state["tok_embeddings.weight"].shape, args.dim)
+    return state
 
 
 def check_cache_fits(model: Transformer, device: torch.device, dtype: torch.dtype) -> None:

@@ -63,10 +63,10 @@ from llama.checkpoint import (
     StateDict,
     _abbreviate,
     _skip_fairscale_init,
-    embedding_split_of,
     find_shards,
     load_shard,
     read_params,
+    read_shard_for,
 )
 from llama.model import ModelArgs, Transformer
 from llama.parallel import all_gather_last_dim, all_reduce
@@ -569,11 +569,7 @@ def load_quantized_model(shard_path: Path, args: ModelArgs, device: torch.device
     Raises:
         ValueError: the shard's keys or shapes do not match the quantized model.
     """
-    state = load_shard(shard_path)
-    for key in IGNORED_KEYS & state.keys():
-        del state[key]
-    if "tok_embeddings.weight" in state:
-        args.embedding_split = embedding_split_of(state["tok_embeddings.weight"].shape, args.dim)
+    state = read_shard_for(shard_path, args)
     with torch.device("meta"), _skip_fairscale_init():
         model = Transformer(args)
     quantize_skeleton(model, quantization["mode"], group_size=quantization["group_size"])
