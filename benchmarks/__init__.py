@@ -1,0 +1,1 @@
+"""Benchmarks of the `llama` package against its peers: `python -m benchmarks.bench`."""
