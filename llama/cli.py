@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Delegated: everything after the command name goes to their own parsers (see main).
     commands.add_parser("convert", add_help=False, help="convert or reshard checkpoints (python -m llama.convert)")
     commands.add_parser("bench", add_help=False, help="benchmarks (python -m benchmarks.bench; source checkout)")
+    commands.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP server (python -m llama.serve)")
     return parser
 
 
@@ -303,6 +304,16 @@ def run_bench(argv: List[str]) -> int:
         sys.argv = program
 
 
+def run_serve(argv: List[str]) -> int:
+    """`llama serve ...`: python -m llama.serve with the same arguments (needs the `serve` extra)."""
+    try:
+        from llama.serve import main as serve_main
+    except ImportError as e:
+        print(f"llama serve: {e}; install the server's dependencies with: pip install -e '.[serve]'", file=sys.stderr)
+        return 1
+    return serve_main(argv, prog="llama serve") or 0
+
+
 def _bench_roots() -> List[Path]:
     """Where benchmarks/bench.py is looked for: the checkout this package lives in, then the current directory."""
     return [Path(__file__).resolve().parent.parent, Path.cwd()]
@@ -325,7 +336,7 @@ def _load_bench() -> Optional[Callable[[List[str]], Optional[int]]]:
     return None
 
 
-DELEGATED: Dict[str, Callable[[List[str]], int]] = {"convert": run_convert, "bench": run_bench}
+DELEGATED: Dict[str, Callable[[List[str]], int]] = {"convert": run_convert, "bench": run_bench, "serve": run_serve}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,634 @@
+"""An OpenAI-compatible HTTP server with continuous batching: `python -m llama.serve`.
+
+    python -m llama.serve                                    # the bundled SmolLM2-135M-Instruct, 127.0.0.1:8000
+    python -m llama.serve --ckpt-dir Meta-Llama-3-8B-Instruct/ --max-batch-size 16 --port 8080
+    torchrun --nproc_per_node 2 -m llama.serve --ckpt-dir llama-2-13b-chat/ --tokenizer tokenizer.model
+
+Endpoints:
+    POST /v1/completions        text completion ("stream": true: server-sent events, then `data: [DONE]`)
+    POST /v1/chat/completions   the assistant's next message, likewise
+    GET  /v1/models             the one model served
+    GET  /health                slots in use, queue length, counters
+
+Requests take OpenAI's fields (model, prompt / messages, max_tokens, temperature, top_p,
+stop, seed, logprobs, stream, stream_options, presence_penalty, frequency_penalty, n=1) and
+the library's other controls under vLLM's names: top_k, min_p, min_tokens (`min_gen_len`),
+repetition_penalty, bad_words. Defaults are OpenAI's (temperature 1, top_p 1). Every error
+is OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, and never stops the
+server: 400 for invalid requests, 404 for an unknown model, 413 for an oversized body, 429
+(with Retry-After) when the queue is full, 504 when a request runs past --request-timeout.
+
+The HTTP side (this module) turns requests into `llama.scheduler.Sequence`s and the
+scheduler's events into OpenAI's responses; `llama.scheduler` batches them on the model.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import AsyncIterator, Dict, List, Optional, Union
+from typing import Sequence as SequenceType
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.exceptions import HTTPException
+except ImportError as e:  # an optional feature: say how to get it
+    raise ImportError(f"llama.serve needs FastAPI and uvicorn ({e}): pip install 'llama[serve]'") from e
+
+from llama.distributed import get_rank
+from llama.generation import Llama
+from llama.scheduler import (
+    Delta,
+    Finished,
+    ModelRunner,
+    QueueFull,
+    Scheduler,
+    Sequence,
+    TokenLogprob,
+)
+
+logger = logging.getLogger("llama.serve")  # the same name under `python -m`
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+ROLE_ALIASES = {"developer": "system", "tool": "ipython"}  # OpenAI's names for the library's roles
+
+
+# --- Errors ---------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def validation_error(error: ValidationError) -> APIError:
+    """A 400 naming the first field pydantic refused."""
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    param = str(first["loc"][0]) if first["loc"] else None
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"unrecognized request argument: {loc}", param=param)
+    return APIError(400, f"invalid {loc}: {first['msg']}", param=param)
+
+
+# --- Request bodies ---------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    """Fields of both endpoints; None is the default. Unknown fields are refused (a typo is not ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Optional[str] = None  # None: the model served
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = None  # 1 (OpenAI's default); 0 is greedy
+    top_p: Optional[float] = None  # 1
+    top_k: Optional[int] = None  # 0: off
+    min_p: Optional[float] = None  # 0: off
+    min_tokens: Optional[int] = Field(None, ge=0)  # stop tokens are not generated before this many tokens
+    repetition_penalty: Optional[float] = None  # 1: off
+    presence_penalty: Optional[float] = None  # 0: off
+    frequency_penalty: Optional[float] = None  # 0: off
+    bad_words: Optional[List[str]] = None
+    stop: Union[str, List[str], None] = None
+    seed: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    n: Optional[int] = None  # only 1
+    logit_bias: Optional[Dict[str, float]] = None  # only empty
+    user: Optional[str] = None  # accepted, unused
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    logprobs: Optional[int] = Field(None, ge=0, le=20)  # this many alternatives per token
+    echo: Optional[bool] = False
+    suffix: Optional[str] = None  # unsupported
+    best_of: Optional[int] = None  # only 1
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # name, tool_calls, ...: not used by the chat formats
+    role: str
+    content: Union[str, List[ContentPart], None] = None
+
+
+class ChatRequest(GenerationRequest):
+    messages: List[ChatMessage] = Field(min_length=1)
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+
+
+async def read_json_body(request: Request, limit: int) -> dict:
+    """The request's JSON object; 413 past `limit` bytes (read no further), 400 if it is not JSON."""
+    too_large = APIError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    return data
+
+
+# --- Response bodies --------------------------------------------------------------------------------
+
+
+class TextCompletionFormat:
+    """OpenAI's /v1/completions bodies for one request (echo: the prompt's text comes first)."""
+
+    object = "text_completion"
+
+    def __init__(self, model: str, echo: str = "", top_logprobs: Optional[int] = None):
+        self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model
+        self.echo, self.top_logprobs = echo, top_logprobs
+        self.offset = len(echo)  # characters before the next token, for logprobs' text_offset
+
+    def _body(self, choices: List[dict], **extra) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def opening_chunks(self) -> List[dict]:
+        return [self.chunk(self.echo, [], None)] if self.echo else []
+
+    def chunk(self, text: str, logprobs: List[TokenLogprob], finish_reason: Optional[str]) -> dict:
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+        return self._body([choice])
+
+    def response(self, text: str, logprobs: List[TokenLogprob], finished: Finished) -> dict:
+        choice = {"index": 0, "text": self.echo + text, "logprobs": self._logprobs(logprobs),
+                  "finish_reason": finished.reason}
+        return self._body([choice], usage=usage(finished))
+
+    def usage_chunk(self, finished: Finished) -> dict:
+        return self._body([], usage=usage(finished))
+
+    def _logprobs(self, entries: List[TokenLogprob]) -> Optional[dict]:
+        if self.top_logprobs is None:
+            return None
+        offsets = []
+        for entry in entries:
+            offsets.append(self.offset)
+            self.offset += len(entry.text)
+        return {
+            "tokens": [e.text for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries] if self.top_logprobs > 0 else None,
+            "text_offset": offsets,
+        }
+
+
+class ChatCompletionFormat:
+    """OpenAI's /v1/chat/completions bodies for one request."""
+
+    object = "chat.completion"
+
+    def __init__(self, model: str, logprobs: bool = False):
+        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+        self.logprobs = logprobs
+
+    def _body(self, object: str, choices: List[dict], **extra) -> dict:
+        return {"id": self.id, "object": object, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def opening_chunks(self) -> List[dict]:
+        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return [self._body("chat.completion.chunk", [first])]
+
+    def chunk(self, text: str, logprobs: List[TokenLogprob], finish_reason: Optional[str]) -> dict:
+        delta = {"content": text} if finish_reason is None else {}
+        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+        return self._body("chat.completion.chunk", [choice])
+
+    def response(self, text: str, logprobs: List[TokenLogprob], finished: Finished) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": self._logprobs(logprobs), "finish_reason": finished.reason}
+        return self._body("chat.completion", [choice], usage=usage(finished))
+
+    def usage_chunk(self, finished: Finished) -> dict:
+        return self._body("chat.completion.chunk", [], usage=usage(finished))
+
+    def _logprobs(self, entries: List[TokenLogprob]) -> Optional[dict]:
+        if not self.logprobs:
+            return None
+
+        def item(text: str, logprob: float) -> dict:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        content = [{**item(e.text, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+        return {"content": content, "refusal": None}
+
+
+def usage(finished: Finished) -> dict:
+    return {"prompt_tokens": finished.prompt_tokens, "completion_tokens": finished.completion_tokens,
+            "total_tokens": finished.prompt_tokens + finished.completion_tokens}
+
+
+def sse(data: Union[dict, str]) -> str:
+    """One server-sent event."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
+
+
+# --- The server -------------------------------------------------------------------------------------
+
+
+class OpenAIServer:
+    """Turns OpenAI requests into scheduler sequences, and their events into OpenAI responses.
+
+    Args:
+        llama: the model and tokenizer.
+        scheduler: batches the sequences (started and stopped by the app's lifespan).
+        model_name: what clients pass as `model`.
+        request_timeout: seconds a request may wait and run in all.
+        max_body_bytes: largest request body accepted.
+    """
+
+    def __init__(self, llama: Llama, scheduler: Scheduler, *, model_name: str,
+                 request_timeout: Optional[float] = 600.0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.llama, self.tokenizer, self.scheduler = llama, llama.tokenizer, scheduler
+        self.model_name = model_name
+        self.request_timeout = request_timeout
+        self.max_body_bytes = max_body_bytes
+        self.max_seq_len = llama.model.params.max_seq_len
+        self.created = int(time.time())
+
+    # --- Endpoints ---
+
+    async def completions(self, request: Request):
+        body = await self._read(request, CompletionRequest)
+        if body.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+        if body.best_of not in (None, 1):
+            raise APIError(400, f"best_of must be 1 (got {body.best_of}): send separate requests", param="best_of")
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", param="echo")
+        prompt_tokens = self._completion_prompt(body.prompt)
+        top = body.logprobs
+        seq = self._sequence(body, prompt_tokens, body.max_tokens, default_max_tokens=16,
+                             logprobs=top is not None, top_logprobs=top or 0)
+        echo = ""
+        if body.echo:
+            echo = body.prompt if isinstance(body.prompt, str) else self.tokenizer.decode(prompt_tokens)
+        fmt = TextCompletionFormat(self.model_name, echo, top)
+        return await self._respond(request, seq, self._submit(seq), fmt, body)
+
+    async def chat_completions(self, request: Request):
+        body = await self._read(request, ChatRequest)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        prompt_tokens, refusal = self._chat_prompt(body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        seq = self._sequence(body, prompt_tokens, max_tokens, default_max_tokens=None,
+                             logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0)
+        if refusal is None:
+            events = self._submit(seq)
+        else:  # the chat format refuses this dialog: its refusal is the whole answer, as in chat_completion
+            events = replay([Delta(refusal, []), Finished("stop", len(prompt_tokens), 0)])
+        return await self._respond(request, seq, events, ChatCompletionFormat(self.model_name, body.logprobs), body)
+
+    async def models(self):
+        model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llama",
+                 "max_model_len": self.max_seq_len}
+        return {"object": "list", "data": [model]}
+
+    async def health(self):
+        return {"status": "ok", "model": self.model_name, **self.scheduler.health()}
+
+    # --- Requests -> sequences ---
+
+    async def _read(self, request: Request, schema: type) -> GenerationRequest:
+        data = await read_json_body(request, self.max_body_bytes)
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(404, f"the model `{body.model}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+        if body.n not in (None, 1):
+            raise APIError(400, f"n must be 1 (got {body.n}): send separate requests, they are batched together",
+                           param="n")
+        if body.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        return body
+
+    def _completion_prompt(self, prompt) -> List[int]:
+        """Token ids of a prompt given as text or as ids (one prompt; a list of one is accepted)."""
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            raise APIError(400, f"one prompt per request, got {len(prompt)}: send them as separate requests "
+                                f"(they are batched together)", param="prompt")
+        if isinstance(prompt, str):
+            tokens = self.tokenizer.encode(prompt, bos=True, eos=False)
+        else:
+            tokens = list(prompt)
+            vocab_size = self.llama.model.params.vocab_size
+            if any(not 0 <= t < vocab_size for t in tokens):
+                raise APIError(400, f"prompt holds token ids outside the vocabulary [0, {vocab_size})", param="prompt")
+        if not tokens:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        return tokens
+
+    def _chat_prompt(self, messages: List[ChatMessage]):
+        """(token ids of the dialog, the chat format's refusal or None)."""
+        dialog = []
+        for i, message in enumerate(messages):
+            content = message.content
+            if isinstance(content, list):
+                others = [part.type for part in content if part.type != "text"]
+                if others:
+                    raise APIError(400, f"messages[{i}]: only text content is supported, got {others[0]!r}",
+                                   param="messages")
+                content = "".join(part.text or "" for part in content)
+            dialog.append({"role": ROLE_ALIASES.get(message.role, message.role), "content": content or ""})
+        try:
+            tokens = self.llama.formatter.encode_dialog_prompt(dialog)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        refuse = getattr(self.llama.formatter, "refusal", None)  # only formats with forgeable tags have one
+        return tokens, (refuse(dialog) if refuse else None)
+
+    def _sequence(self, body: GenerationRequest, prompt_tokens: List[int], max_tokens: Optional[int], *,
+                  default_max_tokens: Optional[int], logprobs: bool, top_logprobs: int) -> Sequence:
+        """A scheduler sequence for the request; 400 when it cannot fit the context or a control is out of range."""
+        room = self.max_seq_len - len(prompt_tokens)
+        if room < 1:
+            raise APIError(400, f"this model's maximum context length is {self.max_seq_len} tokens and the prompt "
+                                f"has {len(prompt_tokens)}: shorten it (or start the server with a larger "
+                                f"--max-seq-len)", param="messages" if isinstance(body, ChatRequest) else "prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+        elif max_tokens > room:
+            raise APIError(400, f"this model's maximum context length is {self.max_seq_len} tokens; the prompt has "
+                                f"{len(prompt_tokens)} and max_tokens asks for {max_tokens} more: ask for at most "
+                                f"{room}", param="max_tokens", code="context_length_exceeded")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return Sequence(prompt_tokens, max_tokens, self._sampling_params(body), stop=stop, seed=body.seed,
+                        logprobs=logprobs, top_logprobs=top_logprobs, timeout=self.request_timeout)
+
+    def _sampling_params(self, body: GenerationRequest):
+        """The library's validated controls; their own ValueError messages become the 400's."""
+
+        def given(value, default):
+            return default if value is None else value
+
+        try:
+            return self.llama._sampling_params(
+                given(body.temperature, 1.0), given(body.top_p, 1.0), top_k=given(body.top_k, 0),
+                min_p=given(body.min_p, 0.0), min_gen_len=given(body.min_tokens, 0),
+                repetition_penalty=given(body.repetition_penalty, 1.0),
+                presence_penalty=given(body.presence_penalty, 0.0),
+                frequency_penalty=given(body.frequency_penalty, 0.0), bad_words=body.bad_words,
+            )
+        except ValueError as e:
+            name = str(e).split()[0].rstrip(":")
+            param = {"min_gen_len": "min_tokens"}.get(name, name)
+            raise APIError(400, str(e), param=param if param in GenerationRequest.model_fields else None) from None
+
+    # --- Sequences -> responses ---
+
+    def _submit(self, seq: Sequence) -> AsyncIterator[object]:
+        """Queues the sequence (429 when the queue is full); returns its events, as they come."""
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        seq.sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+        try:
+            self.scheduler.submit(seq)
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy ({e}): retry later", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        return events_of(queue, seq)
+
+    async def _respond(self, request: Request, seq: Sequence, events: AsyncIterator[object], fmt, body):
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(self._stream(events, fmt, include_usage), media_type="text/event-stream",
+                                     headers=headers)
+        return JSONResponse(await self._collect(request, seq, events, fmt))
+
+    async def _collect(self, request: Request, seq: Sequence, events: AsyncIterator[object], fmt) -> dict:
+        """The whole response; a client that disconnects meanwhile cancels the sequence."""
+        watcher = asyncio.create_task(cancel_on_disconnect(request, seq))
+        texts, logprobs = [], []
+        try:
+            async for event in events:
+                if isinstance(event, Delta):
+                    texts.append(event.text)
+                    logprobs.extend(event.logprobs)
+                else:
+                    finished = event
+        finally:
+            watcher.cancel()
+        self._raise_failure(finished)
+        return fmt.response("".join(texts), logprobs, finished)
+
+    async def _stream(self, events: AsyncIterator[object], fmt, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: OpenAI's chunks, then `data: [DONE]`. Starlette cancels it when the client leaves."""
+        for chunk in fmt.opening_chunks():
+            yield sse(chunk)
+        async for event in events:
+            if isinstance(event, Delta):
+                yield sse(fmt.chunk(event.text, event.logprobs, None))
+                continue
+            try:
+                self._raise_failure(event)
+            except APIError as e:  # the status line is sent already: the error is an event
+                yield sse(e.body())
+                break
+            yield sse(fmt.chunk("", [], event.reason))
+            if include_usage:
+                yield sse(fmt.usage_chunk(event))
+        yield sse("[DONE]")
+
+    def _raise_failure(self, finished: Finished) -> None:
+        if finished.reason == "timeout":
+            raise APIError(504, f"the request ran past the server's --request-timeout of {self.request_timeout:g} s",
+                           type="timeout_error", code="request_timeout")
+        if finished.reason == "error":
+            raise APIError(500, finished.message, type="server_error")
+
+
+async def events_of(queue: asyncio.Queue, seq: Sequence) -> AsyncIterator[object]:
+    """A sequence's events up to its `Finished`; leaving early (a client gone) cancels the sequence."""
+    try:
+        while True:
+            event = await queue.get()
+            yield event
+            if isinstance(event, Finished):
+                return
+    finally:
+        seq.cancel()  # no-op once finished
+
+
+async def replay(events: List[object]) -> AsyncIterator[object]:
+    for event in events:
+        yield event
+
+
+async def cancel_on_disconnect(request: Request, seq: Sequence) -> None:
+    """Cancels the sequence when the client closes the connection (the body is read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    logger.debug("client left: cancelling request %d", seq.id)
+    seq.cancel()
+
+
+def create_app(llama: Llama, *, model_name: str, queue_size: int = 64, request_timeout: Optional[float] = 600.0,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, runner: Optional[ModelRunner] = None) -> FastAPI:
+    """The FastAPI app serving `llama`; its scheduler thread runs while the app does (`app.state.scheduler`)."""
+    scheduler = Scheduler(llama.model, llama.tokenizer, queue_size=queue_size, runner=runner)
+    server = OpenAIServer(llama, scheduler, model_name=model_name, request_timeout=request_timeout or None,
+                          max_body_bytes=max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        logger.info("serving %s: max_batch_size=%d, max_seq_len=%d, queue_size=%d", model_name,
+                    scheduler.max_batch_size, scheduler.max_seq_len, queue_size)
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="llama", lifespan=lifespan)
+    app.state.scheduler, app.state.server = scheduler, server
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # unknown route, wrong method
+        return APIError(exc.status_code, str(exc.detail), headers=exc.headers).response()
+
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    return app
+
+
+# --- Command line -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[SequenceType[str]] = None, prog: str = "python -m llama.serve") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    model = parser.add_argument_group("model")
+    model.add_argument("--ckpt-dir", help="Meta-format checkpoint directory (default: the bundled SmolLM2-135M)")
+    model.add_argument("--tokenizer", help="tokenizer file (default: tokenizer.model in --ckpt-dir)")
+    model.add_argument("--model-name", help="the `model` clients ask for (default: the checkpoint directory's name)")
+    model.add_argument("--max-batch-size", type=int, default=8, help="most requests generated at once (default: 8)")
+    model.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + answer (default: 2048)")
+    model.add_argument("--device", help="default: this rank's GPU if there is one, else the CPU")
+    model.add_argument("--dtype", help="default: bfloat16 on GPUs, float32 on the CPU")
+    model.add_argument("--quantize", choices=["int8", "int4", "llm.int8"], help="quantize the weights after loading")
+    model.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's choice); on a small "
+                                                   "CPU, leaving a core to the HTTP side can be faster")
+    http = parser.add_argument_group("serving")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    http.add_argument("--port", type=int, default=8000, help="default: 8000")
+    http.add_argument("--queue-size", type=int, default=64,
+                      help="most requests waiting for a free slot; more get 429 (default: 64)")
+    http.add_argument("--request-timeout", type=float, default=600.0,
+                      help="seconds a request may wait and run, 0 for no limit (default: 600)")
+    http.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                      help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser.parse_args(argv)
+
+
+def build_llama(args: argparse.Namespace):
+    """(Llama, model name) from the command line's model options, on every rank."""
+    from llama.default_model import (
+        ensure_default_model,  # imported on use: it may fetch the bundled model
+    )
+
+    if args.ckpt_dir is None:
+        ckpt_dir, tokenizer_path = ensure_default_model()
+    else:
+        ckpt_dir = Path(args.ckpt_dir)
+        tokenizer_path = Path(args.tokenizer) if args.tokenizer else ckpt_dir / "tokenizer.model"
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
+                        device=args.device, dtype=args.dtype, quantize=args.quantize)
+    return llama, args.model_name or Path(ckpt_dir).resolve().name
+
+
+def main(argv: Optional[SequenceType[str]] = None, prog: str = "python -m llama.serve") -> None:
+    """`python -m llama.serve` (and `llama serve`): loads the model and serves it until interrupted.
+
+    Args:
+        argv: the command-line options (default: sys.argv[1:]).
+        prog: the command's name in --help and errors (`llama serve` for the console script).
+
+    Under torchrun every rank loads its shard; rank 0 serves HTTP and schedules,
+    the other ranks follow its steps.
+    """
+    args = parse_args(argv, prog)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)  # a process-wide setting, asked for on the command line
+    llama, model_name = build_llama(args)
+    runner = ModelRunner(llama.model)
+    if runner.world_size != fs_init.get_model_parallel_world_size():
+        raise ValueError(
+            f"{runner.world_size} processes serve a {fs_init.get_model_parallel_world_size()}-shard checkpoint: "
+            f"launch one process per shard (data-parallel replicas are not supported)"
+        )
+    if get_rank() != 0:
+        # Ctrl-C and torchrun's signals reach every rank: the followers leave when rank 0,
+        # shutting down gracefully, tells them to (`ModelRunner.close`).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        runner.follow()
+        return
+    app = create_app(llama, model_name=model_name, queue_size=args.queue_size, request_timeout=args.request_timeout,
+                     max_body_bytes=args.max_body_bytes, runner=runner)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""The OpenAI-compatible server (`llama.serve`) on a tiny checkpoint, over loopback.
+
+The server runs in this process (uvicorn in a thread, on a free port) and is
+called with the official `openai` client and with raw httpx requests. Its
+answers are compared with the library's `text_completion` / `chat_completion`
+for the same request alone: the tiny model's text is gibberish, but it must be
+the same gibberish, token for token, however the requests were batched.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the server needs fastapi (pip install -e '.[serve]')")
+pytest.importorskip("uvicorn", reason="the server needs uvicorn (pip install -e '.[serve]')")
+openai = pytest.importorskip("openai", reason="the tests call the server with the openai client")
+httpx = pytest.importorskip("httpx", reason="the tests call the server with httpx")
+
+import uvicorn  # noqa: E402
+
+from llama import Llama  # noqa: E402
+from llama.serve import create_app  # noqa: E402
+
+MAX_SEQ_LEN = 96
+MODEL = "tiny"
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "1, 2, 3, 4,",
+    "Hello",
+    "The quick brown fox jumps over the lazy dog because",
+    "In 1969, the first",
+    "Water boils at",
+    "The meaning of life",
+    "import torch\nimport numpy as np\n",
+    "Dear Sir or Madam,",
+    "Q: What is 2 + 2?\nA:",
+    "Roses are red,",
+    "She opened the door and saw",
+    "The best way to learn",
+    "Llamas are",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """Serves `app` on a free loopback port in a background thread; yields its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def build(tiny_checkpoints, tokenizer_path, max_batch_size):
+    return Llama.build(tiny_checkpoints["gqa"], tokenizer_path, max_seq_len=MAX_SEQ_LEN,
+                       max_batch_size=max_batch_size, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints, llama3_tokenizer_path):
+    """The library on its own: what each request must equal."""
+    return build(tiny_checkpoints, llama3_tokenizer_path, max_batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, llama3_tokenizer_path):
+    """A server with 8 slots and room for 16 waiting requests; yields its FastAPI app with `.url`."""
+    llama = build(tiny_checkpoints, llama3_tokenizer_path, max_batch_size=8)
+    app = create_app(llama, model_name=MODEL, queue_size=16, request_timeout=60, max_body_bytes=4096)
+    with running_server(app) as url:
+        app.url = url
+        yield app
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_checkpoints, llama3_tokenizer_path):
+    """One slot and one place in the queue: easy to fill."""
+    llama = build(tiny_checkpoints, llama3_tokenizer_path, max_batch_size=1)
+    app = create_app(llama, model_name=MODEL, queue_size=1, request_timeout=60)
+    with running_server(app) as url:
+        app.url = url
+        yield app
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def health(app) -> dict:
+    return httpx.get(app.url + "/health").json()
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def slow_steps(monkeypatch, scheduler, seconds=0.0, gate=None):
+    """Makes every model step of the scheduler wait (for `gate`, then `seconds`)."""
+    run = scheduler.runner.run
+
+    def slow_run(step):
+        if gate is not None:
+            gate.wait()
+        time.sleep(seconds)
+        return run(step)
+
+    monkeypatch.setattr(scheduler.runner, "run", slow_run)
+
+
+def greedy(reference, prompt, max_tokens, **options) -> str:
+    return reference.text_completion([prompt], temperature=0, max_gen_len=max_tokens, **options)[0]["generation"]
+
+
+# --- Answers equal the library's ------------------------------------------------------------------
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    status = health(server)
+    assert status["status"] == "ok" and status["max_batch_size"] == 8 and status["running"] == 0
+
+
+def test_completion_matches_library(client, reference):
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert response.choices[0].text == greedy(reference, PROMPTS[0], 12)
+    assert response.object == "text_completion"
+    prompt_tokens = len(reference.tokenizer.encode(PROMPTS[0], bos=True, eos=False))
+    assert response.usage.prompt_tokens == prompt_tokens
+    assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_matches_library(client, reference):
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a llama?"}]
+    response = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=10, temperature=0)
+    expected = reference.chat_completion([dialog], temperature=0, max_gen_len=10)[0]["generation"]
+    assert response.choices[0].message.content == expected["content"]
+    assert response.choices[0].message.role == "assistant"
+
+
+def test_streaming_matches_library(client, reference):
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == greedy(reference, PROMPTS[1], 12)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    dialog = [{"role": "user", "content": "Tell me a story."}]
+    stream = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    expected = reference.chat_completion([dialog], temperature=0, max_gen_len=10)[0]["generation"]["content"]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens <= 10 and not chunks[-1].choices
+
+
+def test_stream_is_server_sent_events_ending_with_done(server):
+    body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def test_sixteen_concurrent_streams_each_get_their_text_alone(client, reference):
+    """More clients than slots, different prompt lengths and answer lengths: admissions mid-decode."""
+    max_tokens = [6 + 3 * (i % 5) for i in range(len(PROMPTS))]
+    expected = [greedy(reference, p, n) for p, n in zip(PROMPTS, max_tokens)]
+    results = [None] * len(PROMPTS)
+
+    def ask(i):
+        stream = client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=max_tokens[i],
+                                           temperature=0, stream=True)
+        results[i] = "".join(chunk.choices[0].text for chunk in stream)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == expected
+
+
+def test_seeded_sampling_matches_library(client, reference):
+    options = dict(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    expected = reference.text_completion([PROMPTS[3]], max_gen_len=12, **options)[0]["generation"]
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=12, seed=1234, temperature=0.9,
+                                         top_p=0.95, extra_body={"top_k": 50})
+    assert response.choices[0].text == expected
+
+
+def test_penalties_and_min_tokens_match_library(client, reference):
+    options = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.5, min_gen_len=8)
+    expected = greedy(reference, PROMPTS[4], 8, **options)
+    response = client.completions.create(
+        model=MODEL, prompt=PROMPTS[4], max_tokens=8, temperature=0, presence_penalty=0.5, frequency_penalty=0.5,
+        extra_body={"repetition_penalty": 1.3, "min_tokens": 8})
+    assert response.choices[0].text == expected
+    assert response.usage.completion_tokens == 8
+
+
+def test_stop_string_cuts_like_the_library(client, reference):
+    full = greedy(reference, PROMPTS[5], 16)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=16, temperature=0, stop=[stop])
+    assert response.choices[0].text == greedy(reference, PROMPTS[5], 16, stop=[stop])
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_match_library(client, reference):
+    expected = reference.text_completion([PROMPTS[6]], temperature=0, max_gen_len=6, logprobs=True)[0]
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[6], max_tokens=6, temperature=0, logprobs=2)
+    logprobs = response.choices[0].logprobs
+    assert logprobs.tokens == expected["tokens"]
+    assert logprobs.token_logprobs == pytest.approx(expected["logprobs"], abs=1e-4)
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs)  # two alternatives (fewer if their texts collide)
+
+    dialog = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=4, temperature=0, logprobs=True,
+                                          top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(item.top_logprobs) == 3 and item.logprob <= 0 for item in content)
+
+
+# --- Slots, queue, timeout ---------------------------------------------------------------------------
+
+
+def test_disconnected_client_frees_its_slot(server, monkeypatch):
+    scheduler = server.state.scheduler
+    slow_steps(monkeypatch, scheduler, seconds=0.02)  # 80 steps would take 1.6 s
+    before = dict(scheduler.stats)
+    body = {"model": MODEL, "prompt": PROMPTS[7], "max_tokens": 80, "min_tokens": 80, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
+        lines = response.iter_lines()  # (dropping this iterator would close the connection)
+        next(lines)  # the first chunk: it runs
+        assert health(server)["running"] == 1
+    wait_for(lambda: health(server)["running"] == 0, timeout=5)
+    stats = health(server)
+    assert stats.get("finished_cancelled", 0) == before.get("finished_cancelled", 0) + 1
+    assert stats.get("finished_length", 0) == before.get("finished_length", 0)  # it did not run to the end
+    assert stats["tokens"] - before.get("tokens", 0) < 80
+
+
+def test_disconnected_client_frees_its_slot_without_streaming(server, monkeypatch):
+    scheduler = server.state.scheduler
+    slow_steps(monkeypatch, scheduler, seconds=0.02)
+    before = scheduler.stats["finished_cancelled"]
+    body = {"model": MODEL, "prompt": PROMPTS[7], "max_tokens": 80, "min_tokens": 80, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
+    wait_for(lambda: health(server)["running"] == 0, timeout=5)
+    assert scheduler.stats["finished_cancelled"] == before + 1
+
+
+def test_full_queue_answers_429_with_retry_after(small_server, monkeypatch):
+    gate = threading.Event()
+    slow_steps(monkeypatch, small_server.state.scheduler, gate=gate)
+    body = {"model": MODEL, "prompt": PROMPTS[8], "max_tokens": 4, "temperature": 0}
+    statuses = []
+
+    def post():
+        statuses.append(httpx.post(small_server.url + "/v1/completions", json=body, timeout=60).status_code)
+
+    first, second = threading.Thread(target=post), threading.Thread(target=post)
+    first.start()
+    wait_for(lambda: health(small_server)["running"] == 1)  # in the slot, its prefill held at the gate
+    second.start()
+    wait_for(lambda: health(small_server)["waiting"] == 1)  # in the queue
+    try:
+        response = httpx.post(small_server.url + "/v1/completions", json=body)
+        assert response.status_code == 429
+        assert response.headers["retry-after"] == "1"
+        assert response.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        gate.set()
+        first.join(timeout=30)
+        second.join(timeout=30)
+    assert statuses == [200, 200]
+
+
+def test_request_timeout(small_server, monkeypatch):
+    slow_steps(monkeypatch, small_server.state.scheduler, seconds=0.05)
+    monkeypatch.setattr(small_server.state.server, "request_timeout", 0.3)
+    body = {"model": MODEL, "prompt": PROMPTS[9], "max_tokens": 50, "min_tokens": 50, "temperature": 0}
+    response = httpx.post(small_server.url + "/v1/completions", json=body, timeout=30)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "request_timeout"
+
+    with httpx.stream("POST", small_server.url + "/v1/completions", json={**body, "stream": True}) as response:
+        events = [line for line in response.iter_lines() if line]
+    assert json.loads(events[-2][6:])["error"]["code"] == "request_timeout"
+    assert events[-1] == "data: [DONE]"
+    wait_for(lambda: health(small_server)["running"] == 0)
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on(server, monkeypatch, reference):
+    scheduler = server.state.scheduler
+    run = scheduler.runner.run
+    calls = []
+
+    def fail_once(step):
+        calls.append(step)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return run(step)
+
+    monkeypatch.setattr(scheduler.runner, "run", fail_once)
+    response = httpx.post(server.url + "/v1/completions", json={"prompt": PROMPTS[11], "max_tokens": 3})
+    assert response.status_code == 500
+    assert response.json()["error"] == {"message": "internal error: boom", "type": "server_error", "param": None,
+                                        "code": None}
+    body = {"prompt": PROMPTS[11], "max_tokens": 5, "temperature": 0}
+    response = httpx.post(server.url + "/v1/completions", json=body)
+    assert response.json()["choices"][0]["text"] == greedy(reference, PROMPTS[11], 5)
+
+
+# --- Bad requests ------------------------------------------------------------------------------------
+
+LONG_PROMPT = "word " * (2 * MAX_SEQ_LEN)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "gpt-4", "prompt": "Hi"}, 404, "model"),
+    ({"prompt": LONG_PROMPT[:3000]}, 400, "prompt"),  # longer than the context
+    ({"prompt": "Hi", "max_tokens": MAX_SEQ_LEN}, 400, "max_tokens"),  # prompt + answer exceed the context
+    ({"prompt": "Hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "Hi", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "Hi", "presence_penalty": 3}, 400, "presence_penalty"),
+    ({"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "Hi", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"prompt": "Hi", "n": 2}, 400, "n"),
+    ({"prompt": ["Hi", "Ho"]}, 400, "prompt"),
+    ({"prompt": [1, 2, 10**9]}, 400, "prompt"),
+    ({"prompt": "Hi", "frobnicate": True}, 400, "frobnicate"),
+    ({"max_tokens": 3}, 400, "prompt"),  # no prompt
+])
+def test_bad_completion_requests(server, body, status, param):
+    response = httpx.post(server.url + "/v1/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param and error["message"]
+
+
+def test_sampling_errors_reuse_the_library_messages(server):
+    response = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "temperature": -1})
+    assert response.json()["error"]["message"] == "temperature must be >= 0 (0 is greedy), got -1.0"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "Hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 99, "logprobs": True}, "top_logprobs"),
+])
+def test_bad_chat_requests(server, body, param):
+    response = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_malformed_and_oversized_bodies(server):
+    headers = {"content-type": "application/json"}
+    response = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "Hi",', headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    response = httpx.post(server.url + "/v1/completions", content=b"[1, 2]", headers=headers)
+    assert response.status_code == 400
+    response = httpx.post(server.url + "/v1/completions", json={"prompt": "x" * 5000})  # max_body_bytes=4096
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    response = httpx.get(server.url + "/v1/nowhere")
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_errors_raise_in_the_openai_client_and_the_server_keeps_serving(client, reference):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="Hi")
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.completions.create(model=MODEL, prompt="Hi", top_p=0)
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[10], max_tokens=5, temperature=0)
+    assert response.choices[0].text == greedy(reference, PROMPTS[10], 5)
+
+
+def test_scheduler_keeps_rows_compacted_under_churn(server, reference):
+    """Requests finishing at different steps move rows around; every answer stays the library's."""
+    scheduler = server.state.scheduler
+    assert all(seq.row == i for i, seq in enumerate(scheduler.running))
+    prompts = PROMPTS[:12]
+    lengths = [1, 9, 2, 7, 3, 12, 1, 5, 8, 2, 11, 4]
+    results = [None] * len(prompts)
+
+    def ask(i):
+        body = {"model": MODEL, "prompt": prompts[i], "max_tokens": lengths[i], "temperature": 0}
+        results[i] = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [greedy(reference, p, n) for p, n in zip(prompts, lengths)]
+    assert torch.is_inference_mode_enabled() is False  # the scheduler's inference mode stays in its thread
+
+
+# --- Sharded: rank 0 serves, every rank runs the model -----------------------------------------------
+
+
+def test_two_shards_under_torchrun_serve_the_same_text(tiny_checkpoints, llama3_tokenizer_path, reference):
+    """torchrun, 2 ranks (gloo): rank 0 broadcasts each step; concurrent answers equal the unsharded library's."""
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "llama.serve", "--ckpt-dir", str(tiny_checkpoints["gqa-2shards"]),
+               "--tokenizer", str(llama3_tokenizer_path), "--model-name", MODEL, "--max-seq-len", str(MAX_SEQ_LEN),
+               "--max-batch-size", "3", "--port", str(port), "--log-level", "warning"]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, "the sharded server did not start"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        prompts, lengths = PROMPTS[:5], [4, 9, 6, 12, 3]  # more requests than the 3 slots
+        results = [None] * len(prompts)
+
+        def ask(i):
+            stream = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=lengths[i], temperature=0,
+                                               stream=True)
+            results[i] = "".join(chunk.choices[0].text for chunk in stream)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert results == [greedy(reference, p, n) for p, n in zip(prompts, lengths)]
+    finally:
+        process.send_signal(signal.SIGINT)  # rank 0 shuts down gracefully and releases rank 1
+        output = process.communicate(timeout=60)[0]
+    assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output, output  # both left cleanly
