@@ -213,11 +213,32 @@ class Attention(nn.Module):
 
         # Grouped-query attention: each key/value head serves H / Hkv query heads.
         # With no mask (one new token, all rows at the same position) every cached position is visible.
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
-        )  # (B, H, T, hd)
+        if seqlen == 1:  # a decode step: CPU's fused kernel has fixed costs far above this tiny product
+            out = decode_attention(q, keys, values, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
+            )  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (B, T, H * hd)
         return self.wo(out)  # (B, T, D), summed over ranks
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """softmax(q kᵀ / √hd) v for one query position, written out: (B, H, 1, hd).
+
+    keys, values: (B, Hkv, S, hd); query head h reads key/value head h // (H / Hkv).
+    mask: None or (B or 1, 1, 1, S), True where a position may be attended to.
+    """
+    bsz, n_heads, _, head_dim = q.shape
+    n_kv_heads = keys.shape[1]
+    grouped = q.view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (B, Hkv, H/Hkv, hd)
+    scores = (grouped @ keys.transpose(2, 3)).float() / math.sqrt(head_dim)  # (B, Hkv, H/Hkv, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask broadcasts as (B or 1, 1, 1, S)
+    probs = torch.softmax(scores, dim=-1).type_as(values)
+    return (probs @ values).view(bsz, n_heads, 1, head_dim)  # (B, Hkv, H/Hkv, hd) -> (B, H, 1, hd)
 
 
 class FeedForward(nn.Module):
