@@ -4,7 +4,6 @@ The API follows Meta's reference (`meta-llama/llama3`): `Llama.build` ->
 `generate` on token ids -> `text_completion` / `chat_completion` on strings.
 """
 
-import bisect
 import contextlib
 import logging
 import time
@@ -236,6 +235,7 @@ class Llama:
         limit = torch.tensor(limits, device=self.device)
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=self.device)
         stopped = torch.zeros(len(prompt_tokens), dtype=torch.bool, device=self.device)
+        texts = [TextStream(self.tokenizer, stop) for _ in prompt_tokens] if stop else []  # per row, for stop strings
 
         new_tokens, new_logprobs = [], []  # one (B,) tensor per step, kept on the device
         steps = self._decode_steps(prompt_tokens, max(limits), params, logprobs, generator)
@@ -244,9 +244,10 @@ class Llama:
             new_logprobs.append(token_logprobs)
             # Stop check: a row stops at a stop token or at its length limit,
             stopped |= torch.isin(tokens, stop_tokens) | (step + 1 >= limit)
-            if stop:  # or once its text holds a stop string (decoding: host work each step)
-                texts = [self.tokenizer.decode(row) for row in torch.stack(new_tokens, dim=1).tolist()]
-                stopped |= torch.tensor([any(s in text for s in stop) for text in texts], device=self.device)
+            if stop:  # or once its text holds a stop string (the tokens go to the host each step)
+                for text, token in zip(texts, tokens.tolist()):
+                    text.push(token)
+                stopped |= torch.tensor([text.stopped for text in texts], device=self.device)
             if stopped.all():  # the one host-device sync of a step
                 break
 
@@ -259,8 +260,8 @@ class Llama:
         for row, prompt in enumerate(prompt_tokens):
             row_tokens = generated[row][: limits[row]]
             end = next((i for i, t in enumerate(row_tokens) if t in stop_set), len(row_tokens))
-            if stop:
-                end = min(end, self._stop_string_end(row_tokens, stop) or end)
+            if stop and texts[row].stopped:  # the token completing the stop string is the last one kept
+                end = min(end, len(texts[row].tokens))
             out_tokens.append((prompt if echo else []) + row_tokens[:end])
             if logprobs:
                 out_logprobs.append((prompt_logprobs[row] if echo else []) + generated_logprobs[row][:end])
@@ -346,7 +347,7 @@ class Llama:
                 )
                 hypotheses = [(h.tokens, h.logprobs) for h in found[:n]]
             for tokens, token_logprobs in hypotheses:
-                end = self._stop_string_end(tokens, stop) if stop else None  # stop strings cut afterwards
+                end = _tokens_until_stop(self.tokenizer, tokens, stop) if stop else None  # cut afterwards
                 out_tokens.append((prompt if echo else []) + tokens[:end])
                 out_logprobs.append((prompt_logprobs[i] if echo else []) + token_logprobs[:end])
         return out_tokens, (out_logprobs if logprobs else None)
@@ -373,18 +374,6 @@ class Llama:
             frequency_penalty=frequency_penalty, bad_words=list(dict.fromkeys(map(tuple, words))),
             stop_tokens=self.tokenizer.stop_tokens,
         )
-
-    def _stop_string_end(self, tokens: List[int], stop: Sequence[str]) -> Optional[int]:
-        """How many of `tokens` it takes for their text to hold a stop string (None: all of them do not)."""
-
-        def holds_stop(end: int) -> bool:
-            text = self.tokenizer.decode(tokens[:end])
-            return any(s in text for s in stop)
-
-        if not holds_stop(len(tokens)):
-            return None
-        # A longer prefix's text extends a shorter one's: the first prefix that holds one, by bisection.
-        return 1 + bisect.bisect_left(range(1, len(tokens) + 1), True, key=holds_stop)
 
     def _encode_text(self, index: int, prompt: str) -> List[int]:
         """Token ids of a text prompt, after BOS; index names the prompt in errors."""
@@ -606,6 +595,16 @@ class Llama:
         rest = text.flush()
         if rest:
             yield rest
+
+
+def _tokens_until_stop(tokenizer, tokens: List[int], stop: Sequence[str]) -> int:
+    """How many of `tokens` it takes for their text to hold a stop string (all of them if it never does)."""
+    text = TextStream(tokenizer, stop)
+    for token in tokens:
+        text.push(token)
+        if text.stopped:
+            break
+    return len(text.tokens)
 
 
 def _cut_at_stop(text: str, stop: Optional[Sequence[str]], start: int = 0) -> str:
