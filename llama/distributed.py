@@ -6,6 +6,7 @@ fairscale's layers exchange activations between ranks (NCCL on GPUs, gloo on
 CPUs).
 """
 
+import atexit
 import contextlib
 import io
 import logging
@@ -82,6 +83,9 @@ def setup_model_parallel(model_parallel_size: Optional[int], device: torch.devic
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         logger.debug("initialised %s process group: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
+        # A process that exits with its group alive can abort in interpreter teardown
+        # (gloo's worker threads outlive Python): tear the group down while Python still runs.
+        atexit.register(_destroy_process_group)
 
     if model_parallel_size is None:
         model_parallel_size = dist.get_world_size()
@@ -104,6 +108,11 @@ def setup_model_parallel(model_parallel_size: Optional[int], device: torch.devic
         fs_init.initialize_model_parallel(model_parallel_size)
     logger.debug(announcement.getvalue().strip())
     return model_parallel_size
+
+
+def _destroy_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def get_rank() -> int:
