@@ -35,3 +35,14 @@ def test_compiled_greedy_tokens_equal_eager(tiny_checkpoints, llama3_tokenizer_p
     torch._dynamo.reset()  # other batch sizes compile again; keep the test to one more compilation
     single = [[128000, 791, 6864, 315, 9822]]
     assert compiled.generate(single, 40, temperature=0) == eager.generate(single, 40, temperature=0)
+
+
+def test_compiled_int8_greedy_tokens_equal_eager_int8(tiny_checkpoints, llama3_tokenizer_path):
+    """Quantized modules trace too: compile=True with quantize="int8" (the fastest CPU configuration
+    in benchmarks/) gives the greedy tokens of the eager int8 model."""
+    build = dict(ckpt_dir=tiny_checkpoints["gqa"], tokenizer_path=llama3_tokenizer_path, max_seq_len=32,
+                 max_batch_size=2, quantize="int8")
+    eager = Llama.build(**build)
+    compiled = Llama.build(**build, compile=True)
+    prompts = [[128000, 791, 6864, 315], [128000, 9906, 11, 1268, 527, 499]]
+    assert compiled.generate(prompts, 12, temperature=0) == eager.generate(prompts, 12, temperature=0)
