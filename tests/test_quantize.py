@@ -385,7 +385,8 @@ def bundled():
     ids = load_tokenizer(ckpt_dir / "tokenizer.model").encode(TEXT, bos=True, eos=False)
     assert len(ids) >= 256
     tokens = torch.tensor([ids[:256]])
-    args = ModelArgs.from_params({**read_params(ckpt_dir), "max_seq_len": 256, "max_batch_size": 1})
+    # 4 rows: GPTQ's calibration (tests/test_gptq.py) reads 4 x 256 tokens.
+    args = ModelArgs.from_params({**read_params(ckpt_dir), "max_seq_len": 256, "max_batch_size": 4})
 
     def load():
         return load_model(find_shards(ckpt_dir)[0], args, torch.device("cpu"), torch.float32)
