@@ -66,10 +66,10 @@ def gptq_int8_rows(
 
     # Columns in order of decreasing input energy: the important ones are rounded
     # first, while the most columns remain to absorb their errors ("act order").
-    h = moment.double().clone()
+    h = moment.to(weight.device, torch.float64)  # (K, K); the reordering below makes it a copy
     order = torch.argsort(h.diagonal(), descending=True)
     h = h[order][:, order]
-    w = weight.float()[:, order].clone()  # (N, K), updated as columns are rounded
+    w = weight.float()[:, order]  # (N, K), a copy (indexing copies), updated as columns are rounded
     dead = h.diagonal() == 0  # inputs that were always 0: their weights never matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -77,10 +77,10 @@ def gptq_int8_rows(
     # Upper Cholesky factor of H⁻¹: row i says how column i's error spreads over columns > i.
     spread = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
 
-    q = torch.empty(n, k, dtype=torch.int8)
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
     for start in range(0, k, block_size):
         end = min(start + block_size, k)
-        errors = torch.empty(n, end - start)  # (N, block)
+        errors = torch.empty(n, end - start, device=weight.device)  # (N, block)
         for i in range(start, end):
             codes = (w[:, i] / step).round().clamp(-127, 127)  # (N,)
             q[:, i] = codes.to(torch.int8)
