@@ -36,7 +36,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +141,22 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return _max_rss_bytes()
+
+
+def measure_load(device: torch.device, load: Callable[[], Any]) -> Tuple[Any, dict]:
+    """Runs `load()`; returns its result and the load figures: seconds, RSS just before,
+    the RSS high-water mark during it, RSS after (and CUDA's allocator peak on GPUs)."""
+    meter = MemoryMeter(device)
+    baseline = _rss_bytes()
+    meter.reset()
+    t0 = time.perf_counter()
+    result = load()
+    synchronizer(device)()
+    info = {"load_s": time.perf_counter() - t0, "baseline_rss": baseline, "peak_rss": peak_rss_bytes(),
+            "rss_after": _rss_bytes()}
+    if device.type == "cuda":
+        info["cuda_peak_allocated"] = meter.peak()
+    return result, info
 
 
 # --------------------------------------------------------------------------- machine
@@ -269,11 +285,7 @@ class OursEngine:
             self.generator = None
             torch._dynamo.reset()
             gc.collect()
-        meter = MemoryMeter(self.device)
-        baseline = _rss_bytes()
-        meter.reset()
-        t0 = time.perf_counter()
-        self.generator = Llama.build(
+        self.generator, info = measure_load(self.device, lambda: Llama.build(
             ckpt_dir=self.spec["ckpt_dir"],
             tokenizer_path=self.spec["tokenizer_path"],
             max_seq_len=max_seq_len,
@@ -281,13 +293,8 @@ class OursEngine:
             device=self.device,
             dtype=self.spec["dtype"],
             **self.spec["build_kwargs"],
-        )
-        self.sync()
-        load_s = time.perf_counter() - t0
+        ))
         self.built_for = (max_seq_len, max_batch_size)
-        info = {"load_s": load_s, "baseline_rss": baseline, "peak_rss": peak_rss_bytes(), "rss_after": _rss_bytes()}
-        if self.device.type == "cuda":
-            info["cuda_peak_allocated"] = meter.peak()
         return info
 
     def bytes_per_token(self) -> int:
@@ -323,17 +330,13 @@ class TransformersEngine:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         gguf = Path(self.spec["gguf"])
-        baseline = _rss_bytes()
-        MemoryMeter(self.device).reset()
-        t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, self.spec["dtype"]))
-        self.model = model.to(self.device).eval()
-        self.sync()
+        dtype = getattr(torch, self.spec["dtype"])
+        self.model, info = measure_load(self.device, lambda: AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=dtype).to(self.device).eval())
         self.pad_id = self.model.generation_config.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.model.generation_config.eos_token_id
-        return {"load_s": time.perf_counter() - t0, "baseline_rss": baseline, "peak_rss": peak_rss_bytes(),
-                "rss_after": _rss_bytes()}
+        return info
 
     def bytes_per_token(self) -> int:
         embeddings = [m for m in self.model.modules() if isinstance(m, torch.nn.Embedding)]
@@ -374,16 +377,12 @@ class LlamaCppEngine:
             return None
         from llama_cpp import Llama as LlamaCpp
 
-        baseline = _rss_bytes()
-        MemoryMeter(torch.device("cpu")).reset()
-        t0 = time.perf_counter()
-        self.llm = LlamaCpp(
+        self.llm, info = measure_load(torch.device("cpu"), lambda: LlamaCpp(
             model_path=self.spec["gguf"], n_ctx=self.spec["max_context"], n_batch=512,
             n_threads=self.spec["threads"], n_threads_batch=self.spec["threads"],
             n_gpu_layers=-1 if self.spec["device"].startswith("cuda") else 0, seed=0, verbose=False,
-        )
-        return {"load_s": time.perf_counter() - t0, "baseline_rss": baseline, "peak_rss": peak_rss_bytes(),
-                "rss_after": _rss_bytes()}
+        ))
+        return info
 
     def bytes_per_token(self) -> int:
         """Bytes of the GGUF's tensors, one row of the token embedding; a tied output reads it whole."""
@@ -431,19 +430,18 @@ class MetaEngine:
         from llama.distributed import setup_model_parallel
 
         setup_model_parallel(1, self.device)  # fairscale's layers need a (single-rank) group
-        baseline = _rss_bytes()
-        MemoryMeter(self.device).reset()
-        t0 = time.perf_counter()
-        ckpt_dir = Path(self.spec["ckpt_dir"])
-        params = json.loads((ckpt_dir / "params.json").read_text())
-        args = MetaArgs(**params, max_seq_len=self.spec["max_context"], max_batch_size=self.spec["max_batch"])
-        model = MetaTransformer(args)
-        state = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", mmap=True, weights_only=True)
-        model.load_state_dict(state, strict=True)
-        self.model = model.to(self.device, getattr(torch, self.spec["dtype"])).eval()
-        self.sync()
-        return {"load_s": time.perf_counter() - t0, "baseline_rss": baseline, "peak_rss": peak_rss_bytes(),
-                "rss_after": _rss_bytes()}
+
+        def load():
+            ckpt_dir = Path(self.spec["ckpt_dir"])
+            params = json.loads((ckpt_dir / "params.json").read_text())
+            args = MetaArgs(**params, max_seq_len=self.spec["max_context"], max_batch_size=self.spec["max_batch"])
+            model = MetaTransformer(args)
+            state = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", mmap=True, weights_only=True)
+            model.load_state_dict(state, strict=True)
+            return model.to(self.device, getattr(torch, self.spec["dtype"])).eval()
+
+        self.model, info = measure_load(self.device, load)
+        return info
 
     def bytes_per_token(self) -> int:
         return bytes_read_per_token(self.model, [self.model.tok_embeddings])

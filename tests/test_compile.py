@@ -1,6 +1,5 @@
 """The compiled decode step (`Llama.build(..., compile=True)`) against eager decoding."""
 
-import pytest
 import torch
 
 from llama import Llama

@@ -1,7 +1,6 @@
 """Streaming: `TextStream` on real tokens, and `Llama.stream` against the batch API."""
 
 import pytest
-import torch
 
 from llama import Llama
 from llama.streaming import TextStream
