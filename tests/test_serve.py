@@ -192,23 +192,28 @@ def test_stream_is_server_sent_events_ending_with_done(server):
     assert json.loads(events[0][6:])["object"] == "text_completion"
 
 
-def test_sixteen_concurrent_streams_each_get_their_text_alone(client, reference):
-    """More clients than slots, different prompt lengths and answer lengths: admissions mid-decode."""
-    max_tokens = [6 + 3 * (i % 5) for i in range(len(PROMPTS))]
-    expected = [greedy(reference, p, n) for p, n in zip(PROMPTS, max_tokens)]
-    results = [None] * len(PROMPTS)
+def stream_concurrently(client, prompts, max_tokens):
+    """Each prompt streamed greedily by its own thread, all at once; the texts, in prompt order."""
+    results = [None] * len(prompts)
 
     def ask(i):
-        stream = client.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=max_tokens[i],
+        stream = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=max_tokens[i],
                                            temperature=0, stream=True)
         results[i] = "".join(chunk.choices[0].text for chunk in stream)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert results == expected
+    return results
+
+
+def test_sixteen_concurrent_streams_each_get_their_text_alone(client, reference):
+    """More clients than slots, different prompt lengths and answer lengths: admissions mid-decode."""
+    max_tokens = [6 + 3 * (i % 5) for i in range(len(PROMPTS))]
+    expected = [greedy(reference, p, n) for p, n in zip(PROMPTS, max_tokens)]
+    assert stream_concurrently(client, PROMPTS, max_tokens) == expected
 
 
 def test_seeded_sampling_matches_library(client, reference):
@@ -457,19 +462,8 @@ def test_two_shards_under_torchrun_serve_the_same_text(tiny_checkpoints, llama3_
             time.sleep(0.2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         prompts, lengths = PROMPTS[:5], [4, 9, 6, 12, 3]  # more requests than the 3 slots
-        results = [None] * len(prompts)
-
-        def ask(i):
-            stream = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=lengths[i], temperature=0,
-                                               stream=True)
-            results[i] = "".join(chunk.choices[0].text for chunk in stream)
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert results == [greedy(reference, p, n) for p, n in zip(prompts, lengths)]
+        expected = [greedy(reference, p, n) for p, n in zip(prompts, lengths)]
+        assert stream_concurrently(client, prompts, lengths) == expected
     finally:
         process.send_signal(signal.SIGINT)  # rank 0 shuts down gracefully and releases rank 1
         output = process.communicate(timeout=60)[0]
