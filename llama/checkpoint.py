@@ -243,30 +243,40 @@ def load_model(shard_path: Path, args: ModelArgs, device: torch.device, dtype: t
     with torch.device("meta"), _skip_fairscale_init():
         model = Transformer(args)
 
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {shard_path} does not match the model in params.json: "
-            f"missing keys {_abbreviate(missing)}, unexpected keys {_abbreviate(unexpected)}"
-        )
-    wrong_shapes = [
-        f"{name}: checkpoint {tuple(state[name].shape)}, model {shape}"
-        for name, shape in expected.items()
-        if tuple(state[name].shape) != shape
-    ]
-    if wrong_shapes:
-        raise ValueError(
-            f"checkpoint {shard_path} has shapes that params.json and the model-parallel size do not give: "
-            f"{_abbreviate(wrong_shapes)}"
-        )
-
+    check_state_matches(model, state, f"checkpoint {shard_path}")
     state = {name: t.to(device=device, dtype=dtype) if t.is_floating_point() else t for name, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     check_cache_fits(model, device, dtype)
     model.setup_caches(args.max_batch_size, args.max_seq_len)
     return model
+
+
+def check_state_matches(model: torch.nn.Module, state: StateDict, source: str) -> None:
+    """Raises ValueError naming the keys, shapes or integer dtypes in which `state` differs
+    from `model`'s state dict. Floating tensors may differ in dtype: loaders cast them.
+
+    source: what `state` was read from, for the message ("checkpoint <path>").
+    """
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not match the model in params.json: "
+            f"missing keys {_abbreviate(missing)}, unexpected keys {_abbreviate(unexpected)}"
+        )
+    wrong = []
+    for name, want in expected.items():
+        got = state[name]
+        wrong_dtype = got.dtype != want.dtype and not (got.is_floating_point() and want.is_floating_point())
+        if got.shape != want.shape or wrong_dtype:
+            dtypes = (f" {got.dtype}", f" {want.dtype}") if wrong_dtype else ("", "")
+            wrong.append(f"{name}: checkpoint {tuple(got.shape)}{dtypes[0]}, model {tuple(want.shape)}{dtypes[1]}")
+    if wrong:
+        raise ValueError(
+            f"{source} has shapes or integer types that params.json and the model-parallel size do not give: "
+            f"{_abbreviate(wrong)}"
+        )
 
 
 def read_shard_for(shard_path: Path, args: ModelArgs) -> StateDict:

@@ -66,8 +66,9 @@ from torch import nn
 from llama.checkpoint import (
     IGNORED_KEYS,
     StateDict,
-    _abbreviate,
     _skip_fairscale_init,
+    check_cache_fits,
+    check_state_matches,
     find_shards,
     load_model,
     load_shard,
@@ -602,22 +603,7 @@ def load_quantized_model(shard_path: Path, args: ModelArgs, device: torch.device
         model = Transformer(args)
     quantize_skeleton(model, quantization["mode"], group_size=quantization["group_size"])
 
-    expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict().items()}
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    wrong = [  # floating tensors may be cast; integer ones must match exactly
-        f"{name}: checkpoint {tuple(state[name].shape)} {state[name].dtype}, model {shape} {want}"
-        for name, (shape, want) in expected.items()
-        if name in state and (
-            tuple(state[name].shape) != shape
-            or (state[name].dtype != want and not (state[name].is_floating_point() and want.is_floating_point))
-        )
-    ]
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"quantized checkpoint {shard_path} does not match a {quantization['mode']} model of params.json: "
-            f"missing keys {_abbreviate(missing)}, unexpected keys {_abbreviate(unexpected)}, "
-            f"mismatched {_abbreviate(wrong)}"
-        )
+    check_state_matches(model, state, f"{quantization['mode']} checkpoint {shard_path}")
     kernel_dtype = {  # the linears' floating buffers: scales, scales_and_zeros
         f"{module_name}.{name}" for module_name, module in model.named_modules()
         if isinstance(module, QuantizedLinear) for name, _ in module.named_buffers(recurse=False)
@@ -625,6 +611,7 @@ def load_quantized_model(shard_path: Path, args: ModelArgs, device: torch.device
     state = {name: t.to(device, dtype) if t.is_floating_point() and name not in kernel_dtype else t.to(device)
              for name, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    check_cache_fits(model, device, dtype)
     model.setup_caches(args.max_batch_size, args.max_seq_len)
     return model
 
