@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -36,6 +36,41 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]  # present when logprobs=True
     logprobs: List[float]  # present when logprobs=True
+
+
+# Inductor settings of the compiled decode step on CPU. Freezing makes the weights constants of
+# the graph, so max-autotune can use inductor's own C++ GEMM kernels, which repack each weight
+# once for the matrix-vector products of decoding; where they lose, it keeps ATen's (MKL's).
+# MKL's fp32 matrix-vector path streams about half the memory bandwidth on the AMD CPUs we
+# measured (benchmarks/README.md, "Kernel findings").
+# The tuning is not printed (inductor writes every candidate's timing to stderr by default).
+CPU_INDUCTOR_OPTIONS = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
+
+
+def compile_decode_step(step: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:
+    """`step` compiled once per batch size: its shapes are static (one token per row, the whole
+    cache read). On GPUs it is replayed as a CUDA graph. On CPU the weights are frozen into the
+    compiled code: changing them afterwards is not seen, and the repacked copies the GEMM kernels
+    read take about as much memory again as the weights."""
+    if device.type == "cuda":
+        return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    import torch._inductor.config as inductor_config  # imported on use: loading it takes a second
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+
+    def frozen_step(*args, **kwargs) -> torch.Tensor:
+        # torch.compile(options=...) does not reach freezing; patch inductor's config for
+        # this call only (compilation happens inside it) instead of changing it for everyone.
+        with inductor_config.patch(CPU_INDUCTOR_OPTIONS):
+            return compiled(*args, **kwargs)
+
+    return frozen_step
 
 
 class Llama:
@@ -71,7 +106,9 @@ class Llama:
             device: defaults to this rank's GPU if CUDA is available, else the CPU.
             dtype: defaults to bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPU.
             compile: compile the decode step with `torch.compile` (CUDA graphs on
-                GPUs). The first generation of each batch size pays the compilation.
+                GPUs; frozen weights and inductor's GEMM kernels on CPU, see
+                `compile_decode_step`). The first generation of each batch size pays
+                the compilation (minutes on CPU for SmolLM2, tuning each GEMM).
             quantize: "int8", "int4" or "llm.int8" quantizes the weights after
                 loading (see `llama.quantize`); a checkpoint written by
                 `python -m llama.quantize` is loaded quantized without this.
@@ -139,11 +176,8 @@ class Llama:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.compiled = compile
         if compile:
-            # The decode step has static shapes (one token per row, the whole cache read),
-            # so it compiles once per batch size; on GPUs it is replayed as a CUDA graph.
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
             make_compilable(model)  # fairscale's layers -> traceable twins with the same weights
-            self._decode_one = torch.compile(self._decode_one, mode=mode, fullgraph=True, dynamic=False)
+            self._decode_one = compile_decode_step(self._decode_one, self.device)
 
     @torch.inference_mode()
     def generate(
