@@ -9,8 +9,8 @@ Three ways to run it, in one process, median of 5 calls after a warm-up:
 
   eager      F.linear, i.e. MKL's sgemm/sgemv (what eager decoding and transformers run)
   compiled   torch.compile with inductor's defaults (extern MKL matmuls)
-  frozen     torch.compile with the library's CPU settings for the decode step
-             (`llama.generation.CPU_INDUCTOR_OPTIONS`: frozen weights, max-autotune
+  frozen     compiled as the library compiles its decode step on CPU
+             (`llama.generation.compile_decode_step`: frozen weights, max-autotune
              with inductor's C++ GEMM template)
 
 and, for reference, a plain `sum()` over a 256 MiB fp32 tensor: the memory's read
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.generation import CPU_INDUCTOR_OPTIONS
+from llama.generation import compile_decode_step
 
 SHAPES = {  # name: (out_features N, in_features K) of SmolLM2-135M's weights
     "wq": (576, 576),
@@ -62,19 +62,6 @@ def seconds_per_call(fn, x: torch.Tensor, runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def frozen(module: nn.Module):
-    """`module` compiled as `llama.generation.compile_decode_step` compiles the decode step on CPU."""
-    import torch._inductor.config as inductor_config
-
-    compiled = torch.compile(module, fullgraph=True, dynamic=False)
-
-    def call(x):
-        with inductor_config.patch(CPU_INDUCTOR_OPTIONS):
-            return compiled(x)
-
-    return call
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1, help="rows of activations (default 1: batch-1 decoding)")
@@ -98,7 +85,7 @@ def main(argv=None):
             speeds = {
                 label: streamed / seconds_per_call(fn, x)
                 for label, fn in (("eager", module), ("compiled", torch.compile(module, fullgraph=True)),
-                                  ("frozen", frozen(module)))
+                                  ("frozen", compile_decode_step(module, x.device)))
             }
             torch._dynamo.reset()
             print(f"| {name} ({n} × {k}) | {copies} | {speeds['eager'] / 1e9:.1f} | {speeds['compiled'] / 1e9:.1f} "

@@ -42,7 +42,7 @@ class ChatPrediction(TypedDict, total=False):
 # the graph, so max-autotune can use inductor's own C++ GEMM kernels, which repack each weight
 # once for the matrix-vector products of decoding; where they lose, it keeps ATen's (MKL's).
 # MKL's fp32 matrix-vector path streams about half the memory bandwidth on the AMD CPUs we
-# measured (benchmarks/README.md, "Kernel findings").
+# measured (benchmarks/README.md, "Kernels"; `python -m benchmarks.linear_kernels`).
 # The tuning is not printed (inductor writes every candidate's timing to stderr by default).
 CPU_INDUCTOR_OPTIONS = {
     "freezing": True,
