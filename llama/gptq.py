@@ -14,7 +14,7 @@ output row), so a GPTQ-rounded layer runs on the same kernel and loads like
 any int8 checkpoint: only which codes are chosen differs.
 """
 
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -48,21 +48,19 @@ def input_second_moments(model: nn.Module, tokens: torch.Tensor) -> Dict[str, to
 
 @torch.no_grad()
 def gptq_int8_rows(
-    weight: torch.Tensor, moment: torch.Tensor, *, damp: float = 0.01, block_size: int = 128
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row, weight (N, K) ~= q (N, K) * scales (N, 1), with GPTQ's rounding.
+    weight: torch.Tensor, scales: torch.Tensor, moment: torch.Tensor, *, damp: float = 0.01, block_size: int = 128
+) -> torch.Tensor:
+    """The int8 codes q (N, K) of weight (N, K) ~= q * scales (N, 1), chosen with GPTQ's rounding.
 
     Args:
+        scales: (N,) one per row, as `quantize.quantize_int8_rows` sets them.
         moment: H = Σ x xᵀ (K, K) of the layer's calibration inputs.
         damp: added to H's diagonal, as a fraction of its mean, to keep H invertible.
         block_size: columns rounded before the rest are updated in one matrix product.
 
-    Returns:
-        q (N, K) int8 and scales (N,) bf16, as `quantize.quantize_int8_rows` returns them.
     """
     n, k = weight.shape
-    scales = (weight.float().abs().amax(dim=1) / 127).clamp(min=1e-10).to(torch.bfloat16)  # (N,)
-    step = scales.float()
+    step = scales.float()  # (N,)
 
     # Columns in order of decreasing input energy: the important ones are rounded
     # first, while the most columns remain to absorb their errors ("act order").
@@ -89,4 +87,4 @@ def gptq_int8_rows(
             errors[:, i - start] = error
         w[:, end:] -= errors @ spread[start:end, end:]  # the block's errors onto the later columns
 
-    return q[:, torch.argsort(order)], scales  # back to the weight's column order
+    return q[:, torch.argsort(order)]  # back to the weight's column order

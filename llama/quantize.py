@@ -114,11 +114,11 @@ def quantize_int8_rows(
 
     Returns q and scales (N,) in bf16 (q is rounded against the bf16 scales).
     """
-    if moment is not None:
-        return gptq_int8_rows(weight, moment)
     w = weight.float()
     low, high = w.aminmax(dim=1)  # (N,) each; no (N, K) temporary for |w|
     scales = (torch.maximum(high, -low) / 127).clamp(min=1e-10).to(torch.bfloat16)  # (N,)
+    if moment is not None:
+        return gptq_int8_rows(weight, scales, moment), scales
     # One (N, K) fp32 temporary, rounded and clamped in place: quantizing at load time
     # then peaks at one fp32 copy of the largest weight on top of the checkpoint.
     q = (w / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (N, K)

@@ -9,7 +9,6 @@ import torch
 import llama.quantize as quantize
 from llama import Llama
 from llama.default_model import DEFAULT_MODEL_NAME, checkpoints_dir
-from llama.gptq import gptq_int8_rows
 from llama.quantize import default_calibration_text, quantize_int8_rows, quantize_model
 from llama.tokenizer import load_tokenizer
 from tests.test_quantize import TEXT, bundled  # noqa: F401 (bundled is a fixture)
@@ -34,7 +33,7 @@ def test_gptq_rounding_beats_round_to_nearest_on_held_out_inputs():
     calibration, held_out = inputs[:512], inputs[512:]
     moment = calibration.double().T @ calibration.double()
 
-    q, scales = gptq_int8_rows(weight, moment)
+    q, scales = quantize_int8_rows(weight, moment)  # GPTQ's codes
     nearest_q, nearest_scales = quantize_int8_rows(weight)
     assert q.dtype == torch.int8 and q.shape == weight.shape and q.abs().max() <= 127
     assert torch.equal(scales, nearest_scales)  # same format, same scales: only the codes differ
@@ -50,7 +49,7 @@ def test_gptq_leaves_weights_of_dead_inputs_at_zero_code():
     weight = torch.randn(16, 32, generator=generator)
     x = correlated_inputs(256, 32, generator)
     x[:, 5] = 0.0
-    q, _ = gptq_int8_rows(weight, x.double().T @ x.double())
+    q, _ = quantize_int8_rows(weight, x.double().T @ x.double())
     assert torch.all(q[:, 5] == 0)
 
 
