@@ -7,13 +7,12 @@
 
 import logging
 import os
-from pathlib import Path
 from typing import List, Optional
 
 import fire
 
 from llama import Dialog, Llama
-from llama.default_model import ensure_default_model
+from llama.options import resolve_checkpoint, set_threads
 
 
 def main(
@@ -25,20 +24,22 @@ def main(
     max_batch_size: int = 4,
     max_gen_len: Optional[int] = None,
     stream: bool = True,
+    threads: Optional[int] = None,
 ):
     """Answers a few dialogs; only rank 0 prints.
 
     max_gen_len defaults to max_seq_len - 1 (as long as the context allows).
     stream: print each answer as it is generated, one dialog after the other;
     --stream False answers the dialogs as one batch, as the reference does.
+    threads: torch's intra-op threads (default: $OMP_NUM_THREADS if set, else one per
+    physical core; see llama.options.set_threads).
     """
     is_rank0 = int(os.environ.get("RANK", 0)) == 0
     if is_rank0:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if ckpt_dir is None:  # the bundled default model, provisioned on first use
-        ckpt_dir, tokenizer_path = ensure_default_model()
-    elif tokenizer_path is None:
-        tokenizer_path = Path(ckpt_dir) / "tokenizer.model"
+    set_threads(threads)
+    # No ckpt_dir: the bundled default model, provisioned on first use; no tokenizer_path: CKPT_DIR/tokenizer.model.
+    ckpt_dir, tokenizer_path = resolve_checkpoint(ckpt_dir, tokenizer_path)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,

@@ -24,8 +24,8 @@ from typing import Callable, Dict, Iterable, List, NoReturn, Optional, TextIO
 import torch.distributed as dist
 
 from llama.chat_format import Message
-from llama.default_model import ensure_default_model
 from llama.distributed import is_main_process
+from llama.options import add_model_options, build_llama, check_model_options, unescape
 
 
 COMMANDS = "/reset (new dialog), /system TEXT (new system prompt and dialog), /help, /exit"
@@ -136,31 +136,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add_model_options(sub: argparse.ArgumentParser, max_gen_len_help: str) -> None:
-        sub.add_argument("--ckpt-dir", type=Path, help="Meta-format checkpoint directory "
-                         "(default: the bundled SmolLM2-135M-Instruct, provisioned on first use)")
-        sub.add_argument("--tokenizer", type=Path, help="tokenizer file (default: CKPT_DIR/tokenizer.model)")
-        sub.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default 0.6)")
-        sub.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass, in (0, 1] (default 0.9)")
-        sub.add_argument("--max-gen-len", type=int, help=max_gen_len_help)
-        sub.add_argument("--max-seq-len", type=int, default=2048,
-                         help="longest prompt + answer in tokens; sizes the KV cache (default 2048)")
-        sub.add_argument("--seed", type=int, default=1, help="seed of the sampling generator (default 1)")
+    def add_options(sub: argparse.ArgumentParser, max_gen_len_help: str) -> None:
+        """The model options (shared with `llama serve`) and the generation options."""
+        add_model_options(sub, max_batch_size=1)
+        generation = sub.add_argument_group("generation")
+        generation.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default 0.6)")
+        generation.add_argument("--top-p", type=float, default=0.9,
+                                help="nucleus sampling mass, in (0, 1] (default 0.9)")
+        generation.add_argument("--max-gen-len", type=int, help=max_gen_len_help)
+        generation.add_argument("--seed", type=int, default=1, help="seed of the sampling generator (default 1)")
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat, answers streamed",
                                description=f"Chat in the terminal, answers streamed as they are generated. "
                                f"Commands: {COMMANDS}. Ctrl-C stops an answer (what was generated stays in "
                                "the dialog); at the prompt it quits, as does end of input.")
-    add_model_options(chat, "most tokens per answer (default: until a stop token or the context is full)")
-    chat.add_argument("--system", help="system prompt")
+    add_options(chat, "most tokens per answer (default: until a stop token or the context is full)")
+    chat.add_argument("--system", type=unescape, help="system prompt (\\n, \\t and \\\\ are decoded)")
     chat.set_defaults(run=run_chat, parser=chat)
 
     complete = commands.add_parser("complete", help="stream one completion of a prompt to stdout",
                                    description="Stream one completion of PROMPT to stdout.")
     complete.add_argument("prompt", help="the text to continue")
-    add_model_options(complete, "most tokens generated (default 128; 8 with --explain)")
-    complete.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                          help="stop before this text (repeatable)")
+    add_options(complete, "most tokens generated (default 128; 8 with --explain)")
+    complete.add_argument("--stop", action="append", default=[], metavar="TEXT", type=unescape,
+                          help='stop before this text (repeatable; \\n, \\t and \\\\ are decoded: --stop "\\n")')
     complete.add_argument("--explain", action="store_true",
                           help="print every decoding step: shapes, top-5 candidates, the choice, the KV cache")
     complete.set_defaults(run=run_complete, parser=complete)
@@ -174,31 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exits with status 2 and a usage message if an option is out of range."""
+    check_model_options(parser, args)
     if not args.temperature >= 0:
         parser.error(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_gen_len is not None and args.max_gen_len < 1:
         parser.error(f"--max-gen-len must be >= 1, got {args.max_gen_len}")
-    if args.max_seq_len < 1:
-        parser.error(f"--max-seq-len must be >= 1, got {args.max_seq_len}")
-    if args.ckpt_dir is not None and not args.ckpt_dir.is_dir():
-        parser.error(f"--ckpt-dir {args.ckpt_dir} is not a directory")
-    tokenizer = args.tokenizer or (args.ckpt_dir / "tokenizer.model" if args.ckpt_dir else None)
-    if tokenizer is not None and not tokenizer.is_file():
-        parser.error(f"tokenizer {tokenizer} not found: pass --tokenizer PATH")
 
 
-def build_llama(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """`Llama.build` from the options; a bad checkpoint is reported like a bad argument (status 2)."""
-    from llama.generation import Llama
-
-    if args.ckpt_dir is None:
-        ckpt_dir, tokenizer = ensure_default_model()
-    else:
-        ckpt_dir, tokenizer = args.ckpt_dir, args.tokenizer or args.ckpt_dir / "tokenizer.model"
+def build_llama_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """`build_llama` from the options; a bad checkpoint is reported like a bad argument (status 2)."""
     try:
-        return Llama.build(ckpt_dir, tokenizer, max_seq_len=args.max_seq_len, max_batch_size=1, seed=args.seed)
+        return build_llama(args, seed=args.seed)
     except (FileNotFoundError, ValueError) as e:
         _fail(parser, str(e))
 
@@ -220,7 +207,7 @@ def _is_rank0() -> bool:
 
 def run_chat(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`llama chat`: the terminal loop around a `ChatSession`."""
-    llama = build_llama(parser, args)
+    llama = build_llama_or_exit(parser, args)
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     main = _is_rank0()
     out = sys.stdout if main else open(os.devnull, "w")
@@ -263,7 +250,7 @@ def read_line(prompt: str, group=None) -> Optional[str]:
 
 def run_complete(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`llama complete`: stream one completion, or explain every step of it."""
-    llama = build_llama(parser, args)
+    llama = build_llama_or_exit(parser, args)
     out = sys.stdout if _is_rank0() else open(os.devnull, "w")
     options = dict(temperature=args.temperature, top_p=args.top_p, stop=args.stop)
     try:

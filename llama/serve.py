@@ -30,12 +30,10 @@ import logging
 import signal
 import time
 import uuid
-from pathlib import Path
 from typing import AsyncIterator, Dict, List, Optional, Union
 from typing import Sequence as SequenceType
 
 import fairscale.nn.model_parallel.initialize as fs_init
-import torch
 
 try:
     import uvicorn
@@ -46,8 +44,10 @@ try:
 except ImportError as e:  # an optional feature: say how to get it
     raise ImportError(f"llama.serve needs FastAPI and uvicorn ({e}): pip install 'llama[serve]'") from e
 
+from llama.default_model import DEFAULT_MODEL_NAME
 from llama.distributed import get_rank
 from llama.generation import Llama
+from llama.options import add_model_options, build_llama, check_model_options
 from llama.scheduler import (
     Delta,
     Finished,
@@ -556,18 +556,10 @@ def create_app(llama: Llama, *, model_name: str, queue_size: int = 64, request_t
 
 
 def parse_args(argv: Optional[SequenceType[str]] = None, prog: str = "python -m llama.serve") -> argparse.Namespace:
+    """The server's options: the model options every command shares, then --model-name and the HTTP side's."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    model = parser.add_argument_group("model")
-    model.add_argument("--ckpt-dir", help="Meta-format checkpoint directory (default: the bundled SmolLM2-135M)")
-    model.add_argument("--tokenizer", help="tokenizer file (default: tokenizer.model in --ckpt-dir)")
+    model = add_model_options(parser, max_batch_size=8)
     model.add_argument("--model-name", help="the `model` clients ask for (default: the checkpoint directory's name)")
-    model.add_argument("--max-batch-size", type=int, default=8, help="most requests generated at once (default: 8)")
-    model.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + answer (default: 2048)")
-    model.add_argument("--device", help="default: this rank's GPU if there is one, else the CPU")
-    model.add_argument("--dtype", help="default: bfloat16 on GPUs, float32 on the CPU")
-    model.add_argument("--quantize", choices=["int8", "int4", "llm.int8"], help="quantize the weights after loading")
-    model.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's choice); on a small "
-                                                   "CPU, leaving a core to the HTTP side can be faster")
     http = parser.add_argument_group("serving")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     http.add_argument("--port", type=int, default=8000, help="default: 8000")
@@ -578,23 +570,9 @@ def parse_args(argv: Optional[SequenceType[str]] = None, prog: str = "python -m 
     http.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                       help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
     http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser.parse_args(argv)
-
-
-def build_llama(args: argparse.Namespace):
-    """(Llama, model name) from the command line's model options, on every rank."""
-    from llama.default_model import (
-        ensure_default_model,  # imported on use: it may fetch the bundled model
-    )
-
-    if args.ckpt_dir is None:
-        ckpt_dir, tokenizer_path = ensure_default_model()
-    else:
-        ckpt_dir = Path(args.ckpt_dir)
-        tokenizer_path = Path(args.tokenizer) if args.tokenizer else ckpt_dir / "tokenizer.model"
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
-                        device=args.device, dtype=args.dtype, quantize=args.quantize)
-    return llama, args.model_name or Path(ckpt_dir).resolve().name
+    args = parser.parse_args(argv)
+    check_model_options(parser, args)
+    return args
 
 
 def main(argv: Optional[SequenceType[str]] = None, prog: str = "python -m llama.serve") -> None:
@@ -609,9 +587,8 @@ def main(argv: Optional[SequenceType[str]] = None, prog: str = "python -m llama.
     """
     args = parse_args(argv, prog)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)  # a process-wide setting, asked for on the command line
-    llama, model_name = build_llama(args)
+    llama = build_llama(args)  # and torch's threads, as --threads says
+    model_name = args.model_name or (args.ckpt_dir.resolve().name if args.ckpt_dir else DEFAULT_MODEL_NAME)
     runner = ModelRunner(llama.model)
     if runner.world_size != fs_init.get_model_parallel_world_size():
         raise ValueError(

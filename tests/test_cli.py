@@ -6,13 +6,22 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import llama.cli
 from llama import Llama
-from llama.cli import ChatSession, main
+from llama.cli import ChatSession, build_parser, main
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 OPTIONS = ["--temperature", "0", "--max-gen-len", "4", "--max-seq-len", "64"]
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """`main` sets torch's threads for the process, as a command must: give this test process its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +224,27 @@ def test_complete_with_stop_strings(tiny, model_args, capsys):
     expected = tiny.text_completion(["Hello world"], temperature=0, max_gen_len=6, stop=[stop])[0]["generation"]
     assert capsys.readouterr().out == expected + "\n"
     assert len(expected) < len(full)
+
+
+def test_complete_stop_takes_escapes_as_typed(tiny, model_args, capsys):
+    """`--stop "\\n"`, as the README types it, reaches the program as a backslash and an n: a newline."""
+    prompt = "1\n2\n3\n"
+    full = tiny.text_completion([prompt], temperature=0, max_gen_len=24)[0]["generation"]
+    assert "\n" in full  # the tiny model's greedy continuation of this prompt has a newline
+    assert main(["complete", *model_args, *OPTIONS, "--max-gen-len", "24", "--stop", "\\n", prompt]) == 0
+    assert capsys.readouterr().out == full[: full.index("\n")] + "\n"
+
+
+def test_chat_system_takes_escapes_as_typed():
+    assert build_parser().parse_args(["chat", "--system", "Be brief.\\nNo lists."]).system == "Be brief.\nNo lists."
+
+
+def test_complete_takes_the_shared_model_options(model_args, capsys):
+    """The model options shared with `llama serve` (tests/test_options.py) work here too."""
+    assert main(["complete", *model_args, *OPTIONS, "--max-gen-len", "1", "--threads", "1", "--dtype", "bfloat16",
+                 "Hello"]) == 0
+    assert torch.get_num_threads() == 1
+    assert capsys.readouterr().out.endswith("\n")
 
 
 # --- llama convert / llama bench: delegated ---------------------------------------------------------
