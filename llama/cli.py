@@ -4,7 +4,7 @@
     llama complete "The capital of France is"    # stream one completion
     llama complete --explain "The capital of France is"   # ... and show every decoding step
     llama convert SRC DST [--model-parallel N]   # = python -m llama.convert
-    llama bench [--quick ...]                    # = python -m benchmarks.bench (source checkout)
+    llama bench [--quick ...]                    # = python -m bench.bench (source checkout)
     torchrun --nproc_per_node 2 -m llama.cli chat --ckpt-dir CKPT   # a 2-shard checkpoint
 
 Under torchrun every rank builds its shard of the model; rank 0 reads the
@@ -277,10 +277,10 @@ def run_convert(argv: List[str]) -> int:
 
 
 def run_bench(argv: List[str]) -> int:
-    """`llama bench ...`: python -m benchmarks.bench with the same arguments (a source checkout only)."""
+    """`llama bench ...`: python -m bench.bench with the same arguments (a source checkout only)."""
     bench_main = _load_bench()
     if bench_main is None:
-        print("llama bench: the benchmark harness ships with the source checkout (benchmarks/bench.py), "
+        print("llama bench: the benchmark harness ships with the source checkout (bench/bench.py), "
               "not with the installed package: clone the repository and run `llama bench` from its root",
               file=sys.stderr)
         return 1
@@ -302,23 +302,27 @@ def run_serve(argv: List[str]) -> int:
 
 
 def _bench_roots() -> List[Path]:
-    """Where benchmarks/bench.py is looked for: the checkout this package lives in, then the current directory."""
+    """Where bench/bench.py is looked for: the checkout this package lives in, then the current directory."""
     return [Path(__file__).resolve().parent.parent, Path.cwd()]
 
 
 def _load_bench() -> Optional[Callable[[List[str]], Optional[int]]]:
-    """main() of benchmarks/bench.py, loaded by its path (None if there is none).
+    """main() of bench/bench.py, loaded from its folder (None if there is none).
 
-    By path rather than `import benchmarks.bench`: fairscale installs an unrelated
-    top-level `benchmarks` package, which would shadow the checkout's.
+    From the folder rather than by `import bench.bench`: the checkout is on sys.path
+    only when the command runs from its root. The package goes in first (bench.py's
+    own `from bench.meters import ...` find the other modules through it), then bench.py.
     """
     for root in _bench_roots():
-        path = root / "benchmarks" / "bench.py"
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("benchmarks_bench", path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module  # dataclasses look their module up there
-            spec.loader.exec_module(module)
+        folder = root / "bench"
+        if (folder / "bench.py").is_file():
+            package = importlib.util.spec_from_file_location("bench", folder / "__init__.py",
+                                                             submodule_search_locations=[str(folder)])
+            harness = importlib.util.spec_from_file_location("bench.bench", folder / "bench.py")
+            for spec in (package, harness):
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module  # imports and dataclasses look modules up there
+                spec.loader.exec_module(module)
             return module.main
     return None
 

@@ -266,14 +266,16 @@ def test_convert_help_is_its_own(capsys):
 
 
 def test_bench_runs_the_checkouts_harness(monkeypatch, tmp_path):
-    (tmp_path / "benchmarks").mkdir()
-    (tmp_path / "benchmarks" / "bench.py").write_text(
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "__init__.py").write_text("")
+    (tmp_path / "bench" / "bench.py").write_text(
         "import sys\nRECEIVED = []\ndef main(argv=None):\n    RECEIVED.append((argv, sys.argv[0]))\n    return 0\n"
     )
     monkeypatch.setattr(llama.cli, "_bench_roots", lambda: [tmp_path])
-    monkeypatch.setitem(sys.modules, "benchmarks_bench", None)  # removed again after the test
+    for name in ("bench", "bench.bench"):
+        monkeypatch.setitem(sys.modules, name, None)  # removed (or restored) again after the test
     assert main(["bench", "--quick", "--peers", "none"]) == 0
-    assert sys.modules["benchmarks_bench"].RECEIVED == [(["--quick", "--peers", "none"], "llama bench")]
+    assert sys.modules["bench.bench"].RECEIVED == [(["--quick", "--peers", "none"], "llama bench")]
 
 
 def test_bench_without_a_checkout_says_so(monkeypatch, tmp_path, capsys):

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ httpx = pytest.importorskip("httpx", reason="the tests call the server with http
 
 import uvicorn  # noqa: E402
 
+from bench.serve_load import free_port  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.serve import create_app  # noqa: E402
 
@@ -50,12 +50,6 @@ PROMPTS = [
     "The best way to learn",
     "Llamas are",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

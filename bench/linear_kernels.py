@@ -1,6 +1,6 @@
 """Streamed weight bandwidth of the fp32 linear kernels a decode step can use, per weight shape.
 
-    python -m benchmarks.linear_kernels [--batch 1] [--shapes wq,w1,w2,output]
+    python -m bench.linear_kernels [--batch 1] [--shapes wq,w1,w2,output]
 
 For each of SmolLM2-135M's weight shapes, a module holding enough copies of the
 weight to far exceed the caches (85–300 MB) applies every copy to the same

@@ -1,9 +1,9 @@
 """Load test of the OpenAI-compatible server (`python -m llama.serve`) over loopback.
 
-    python -m benchmarks.serve_load                  # bundled SmolLM2-135M-Instruct: 16 requests x 64 tokens
+    python -m bench.serve_load                       # bundled SmolLM2-135M-Instruct: 16 requests x 64 tokens
                                                      # at 1, 2, 4 and 8 concurrent clients (a few minutes on 2 cores)
-    python -m benchmarks.serve_load --requests 8 --new-tokens 16 --concurrency 1,8     # smoke run
-    python -m benchmarks.serve_load --json serve_load.json --plot serve_load.png
+    python -m bench.serve_load --requests 8 --new-tokens 16 --concurrency 1,8     # smoke run
+    python -m bench.serve_load --json serve_load.json --plot serve_load.png
 
 The server runs in a subprocess with --max-batch-size 8. For each concurrency c, c
 clients share a fixed list of requests (each client sends its next request when the
@@ -63,6 +63,7 @@ QUESTIONS = [
 
 
 def free_port() -> int:
+    """A loopback port that nothing listens on now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

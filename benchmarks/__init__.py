@@ -1,1 +1,0 @@
-"""Benchmarks of the `llama` package against its peers: `python -m benchmarks.bench`."""
