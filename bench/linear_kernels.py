@@ -10,7 +10,7 @@ Three ways to run it, in one process, median of 5 calls after a warm-up:
   eager      F.linear, i.e. MKL's sgemm/sgemv (what eager decoding and transformers run)
   compiled   torch.compile with inductor's defaults (extern MKL matmuls)
   frozen     compiled as the library compiles its decode step on CPU
-             (`llama.generation.compile_decode_step`: frozen weights, max-autotune
+             (`llama.engine.compile_decode_step`: frozen weights, max-autotune
              with inductor's C++ GEMM template)
 
 and, for reference, a plain `sum()` over a 256 MiB fp32 tensor: the memory's read
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.generation import compile_decode_step
+from llama.engine import compile_decode_step
 
 SHAPES = {  # name: (out_features N, in_features K) of SmolLM2-135M's weights
     "wq": (576, 576),

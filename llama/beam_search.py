@@ -1,10 +1,11 @@
 """Beam search for one prompt, with transformers' semantics (`generate(num_beams=...,
 do_sample=False)` with num_beams > 1), so both return the same tokens for the same weights.
 
-The prompt is prefilled once, into cache row 0. The beams are rows 0..n-1 of
-the KV cache; each step keeps the best beams, the cache is reordered so that
-row i holds the keys and values of beam i's parent (`Transformer.reorder_cache`),
-and only the n new tokens are run through the model.
+The search is ours; the model is run by the engine's `ModelRunner`: the prompt
+is prefilled once, into cache row 0. The beams are rows 0..n-1 of the KV cache;
+each step keeps the best beams, the cache is reordered so that row i holds the
+keys and values of beam i's parent (`ModelRunner.reorder`), and only the n new
+tokens go through a decode step.
 
 Each step, as in transformers:
   1. candidates: every beam's score plus every next token's log-probability;
@@ -28,6 +29,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from llama.engine.model_runner import ModelRunner
 from llama.model import Transformer
 from llama.processors import SamplingParams, apply_processors
 
@@ -43,7 +45,7 @@ class Hypothesis(NamedTuple):
 
 @torch.inference_mode()
 def beam_search(
-    model: Transformer,
+    model: Union[Transformer, ModelRunner],
     prompt_tokens: List[int],
     max_gen_len: int,
     num_beams: int,
@@ -63,7 +65,7 @@ def beam_search(
 
 @torch.inference_mode()
 def beam_search_hypotheses(
-    model: Transformer,
+    model: Union[Transformer, ModelRunner],
     prompt_tokens: List[int],
     max_gen_len: int,
     num_beams: int,
@@ -75,8 +77,9 @@ def beam_search_hypotheses(
     """Beam search for one prompt; the num_beams finished hypotheses, best first.
 
     Args:
-        model: the transformer; its max_batch_size must be >= num_beams. Its KV
-            cache rows 0..num_beams-1 are overwritten.
+        model: the transformer, or the runner driving it (`Llama.engine.runner`, whose
+            decode step may be compiled); its max_batch_size must be >= num_beams.
+            Its KV cache rows 0..num_beams-1 are overwritten.
         prompt_tokens: the prompt's token ids.
         max_gen_len: most new tokens (fewer if the context would overflow max_seq_len).
         num_beams: beams kept at each step. 1 is greedy decoding, unless
@@ -96,6 +99,8 @@ def beam_search_hypotheses(
     Raises:
         ValueError: num_beams exceeds the model's max_batch_size, or an argument is out of range.
     """
+    runner = model if isinstance(model, ModelRunner) else ModelRunner(model)
+    model = runner.model
     n = num_beams
     max_batch_size, max_seq_len = model.params.max_batch_size, model.params.max_seq_len
     if not isinstance(n, int) or n < 1:
@@ -128,9 +133,7 @@ def beam_search_hypotheses(
     beam_logprobs = torch.empty(n, 0, device=device)  # (n, t)
     finished: List[Hypothesis] = []  # the best n, best first
 
-    # Prefill: the prompt once, into cache row 0; logits of its last position only.
-    hidden = model.forward_hidden(prompt, 0)  # (1, L, D)
-    logits = model.output(hidden[:, -1]).float()  # (1, V)
+    logits = runner.prefill([prompt_tokens])  # (1, V): the prompt once, into cache row 0
 
     for step in range(max_gen_len):
         length = step + 1  # tokens each candidate will have
@@ -175,7 +178,7 @@ def beam_search_hypotheses(
                 break  # the best running beam cannot beat the worst finished hypothesis
 
         # Decode step: each cache row takes its parent's keys and values, then the n new tokens run.
-        model.reorder_cache(rows)
-        logits = model(beam_tokens[:, -1:], prompt_len + step)[:, -1]  # (n, V)
+        runner.reorder(rows)
+        logits = runner.decode_step(beam_tokens[:, -1].tolist(), [prompt_len + step] * n)  # (n, V)
 
     return finished

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Delegated: everything after the command name goes to their own parsers (see main).
     commands.add_parser("convert", add_help=False, help="convert or reshard checkpoints (python -m llama.convert)")
-    commands.add_parser("bench", add_help=False, help="benchmarks (python -m benchmarks.bench; source checkout)")
+    commands.add_parser("bench", add_help=False, help="benchmarks (python -m bench.bench; source checkout)")
     commands.add_parser("serve", add_help=False, help="OpenAI-compatible HTTP server (python -m llama.serve)")
     return parser
 

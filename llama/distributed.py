@@ -27,7 +27,16 @@ def launched_by_torchrun() -> bool:
 def choose_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
     """The requested device; else this rank's GPU (LOCAL_RANK) when CUDA is available; else the CPU."""
     if device is not None:
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: {device!r} is not a device ({e}); use e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA (a CPU-only build)"
+            raise ValueError(
+                f"device={str(device)!r}, but torch {torch.__version__} was built with {built} and sees no GPU: "
+                f"use device='cpu', or install a CUDA build of torch on a machine with an NVIDIA GPU"
+            )
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return device

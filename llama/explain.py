@@ -1,15 +1,17 @@
 """A view into the decoding loop, step by step, for teaching (`llama complete --explain`).
 
-`explain` runs the same loop as `Llama.stream` (`Llama._decode_steps`: prefill,
-then one decode step per token) and only observes it:
+`explain` drives the library's one decoding engine (`Llama.engine`: prefill, then
+one decode step per token) as `Llama.stream` does, and only observes it:
 
 - forward hooks on the model's stages record the tensor shapes of each pass
   (tokens -> embeddings -> every block -> final norm -> logits); they are
   removed when the run ends, and model.py knows nothing of them;
-- the logits the loop sampled from are read from the output layer's hook, and
-  the probabilities, the top-p nucleus and the greedy choice are recomputed from
-  them with `llama.processors`' own functions, without drawing from the random
-  generator: the token printed as chosen is the one the loop drew.
+- the engine's observer hook (`Engine.observe`) hands over the logits the
+  sampler chose from; the probabilities, the top-p nucleus and the greedy choice
+  are recomputed from them with `llama.processors`' own functions, without
+  drawing from the random generator: the token printed as chosen is the one the
+  engine drew;
+- the stop check printed is the sequence's own `StopCriteria` verdict.
 
 So an explained run yields exactly the tokens of `generate` / `stream` with the
 same seed and sampling controls.
@@ -24,8 +26,7 @@ import torch
 
 from llama.generation import Llama
 from llama.model import Transformer
-from llama.processors import apply_processors, min_p_mask, pad_prompts, temperature_scale, top_k, top_p_mask
-from llama.streaming import TextStream
+from llama.processors import apply_processors, min_p_mask, temperature_scale, top_k, top_p_mask
 
 TOP = 5  # candidates shown per step
 MAX_PROMPT_ROWS = 16  # prompt tokens listed one per line; longer prompts are summarised
@@ -72,21 +73,6 @@ def record_shapes(model: Transformer) -> Iterator[List[Record]]:
             handle.remove()
 
 
-@contextlib.contextmanager
-def capture_logits(model: Transformer) -> Iterator[List[torch.Tensor]]:
-    """Keeps the output layer's latest result (the logits the loop samples from) in a one-element list."""
-    latest: List[torch.Tensor] = []
-
-    def hook(module, inputs, output):
-        latest[:] = [output.detach()]
-
-    handle = model.output.register_forward_hook(hook)
-    try:
-        yield latest
-    finally:
-        handle.remove()
-
-
 def explain(
     llama: Llama,
     prompt: str,
@@ -121,14 +107,13 @@ def explain(
         token, ending with the token that completes a stop string.
     """
     out = sys.stdout if out is None else out
-    model, tokenizer = llama.model, llama.tokenizer
+    model, tokenizer, engine = llama.model, llama.tokenizer, llama.engine
     prompt_tokens = tokenizer.encode(prompt, bos=True, eos=False)
+    request = llama.request([prompt_tokens], max_gen_len, temperature, top_p, seed=seed, stop=stop, text=True,
+                            **options)
+    seq, params = request.sequences[0], request.params
     max_seq_len = model.params.max_seq_len
-    llama._check_generate_args([prompt_tokens], max_gen_len, 1, 1)
-    params = llama._sampling_params(temperature, top_p, **options)
-    generator = llama.generator if seed is None else torch.Generator(llama.device).manual_seed(seed)
-    limit = min(max_gen_len, max_seq_len - len(prompt_tokens))
-    cache = _CacheSize(model)
+    cache = engine.cache_layout
 
     def show(line: str = "") -> None:
         print(line, file=out)
@@ -146,20 +131,25 @@ def explain(
          f"{cache.positions} positions x {cache.head_dim} dims ({cache.dtype}): {_bytes(cache.allocated)} "
          f"allocated{where}")
 
-    text = TextStream(tokenizer, stop)
-    generated: List[int] = []
+    sampled: List[torch.Tensor] = []  # the logits (1, V) the engine's sampler chose from, this step
+
+    def observer(observed_request, logits, tokens):
+        sampled[:] = [logits]
+
     first_decode: List[Record] = []  # the shapes of step 1, to summarise the later steps that repeat them
-    context = pad_prompts([prompt_tokens], llama.device)  # (1, L): what the processors read, as in the loop
-    with torch.inference_mode(), record_shapes(model) as records, capture_logits(model) as logits:
-        with contextlib.closing(llama._decode_steps([prompt_tokens], limit, params, False, generator)) as steps:
-            for step, (tokens, _) in enumerate(steps):
-                token = int(tokens[0])
+    with torch.inference_mode(), record_shapes(model) as records, engine.observe(observer):
+        engine.add(request)
+        try:
+            step = 0
+            while not request.finished:
+                engine.step()
+                token = seq.tokens[-1]
                 position = len(prompt_tokens) + step - 1  # where this step's input token sits
                 show()
                 if step == 0:
                     show(f"== step 0: prefill, {len(prompt_tokens)} prompt tokens at positions 0..{position} ==")
                 else:
-                    show(f"== step {step}: decode, token {_piece(tokenizer, generated[-1])} at position {position} ==")
+                    show(f"== step {step}: decode, token {_piece(tokenizer, seq.tokens[-2])} at position {position} ==")
                 if step >= 2 and records == first_decode:  # every decode step has the same shapes
                     shapes = " -> ".join(str(shape) for name, shape, _ in records if name in SUMMARY)
                     show(f"  shapes     {shapes}, as in step 1")
@@ -168,36 +158,20 @@ def explain(
                 first_decode = list(records) if step == 1 else first_decode
                 records.clear()
 
-                last_logits = logits[0].float().reshape(-1, logits[0].shape[-1])[-1:]  # (1, V): the last position
-                history = torch.tensor([generated], dtype=torch.long, device=llama.device).reshape(1, -1)  # (1, t)
-                _show_choice(show, tokenizer, apply_processors(last_logits, history, params, context), params, token)
-
-                stopping = _stop_check(show, tokenizer, text, token, step, limit)
-                if token not in tokenizer.stop_tokens:
-                    generated.append(token)
+                # The penalties see what the sampler saw: the prompt and the tokens before this one.
+                history = request.generated[:, :-1]  # (1, t)
+                _show_choice(show, tokenizer, apply_processors(sampled[0], history, params, request.prompts),
+                             params, token)
+                _show_stop_check(show, tokenizer, seq, token)
                 filled = len(prompt_tokens) + step  # positions written so far (the new token is not, yet)
                 show(f"  KV cache   {filled}/{max_seq_len} positions filled, "
-                     f"{_bytes(filled * cache.per_token)} of {_bytes(cache.allocated)}")
-                if stopping:
-                    break
-    completion = tokenizer.decode(generated)
-    cut = min([i for i in (completion.find(s) for s in stop if s) if i >= 0], default=len(completion))
+                     f"{_bytes(filled * cache.bytes_per_position)} of {_bytes(cache.allocated)}")
+                step += 1
+        finally:
+            engine.abort(request)  # the printing failed midway: the engine stays ready
     show()
-    show(f"completion {completion[:cut]!r}  ({len(generated)} tokens)")
-    return generated
-
-
-class _CacheSize:
-    """How big this rank's KV cache is, read from its real buffers (max_batch_size, Hkv, max_seq_len, hd)."""
-
-    def __init__(self, model: Transformer):
-        caches = [layer.attention.cache for layer in model.layers]
-        self.rows, self.heads, self.positions, self.head_dim = caches[0].k.shape
-        self.layers = len(caches)
-        self.dtype = str(caches[0].k.dtype).removeprefix("torch.")
-        # Bytes of one position of one row: k and v, every head, every layer.
-        self.per_token = 2 * self.heads * self.head_dim * self.layers * caches[0].k.element_size()
-        self.allocated = sum(c.k.nbytes + c.v.nbytes for c in caches)
+    show(f"completion {seq.stop.text.shown!r}  ({len(seq.result)} tokens)")
+    return seq.result
 
 
 def _show_prompt(show, tokenizer, prompt: str, prompt_tokens: List[int]) -> None:
@@ -287,21 +261,18 @@ def _show_choice(show, tokenizer, logits: torch.Tensor, params, token: int) -> N
          f"p = {float(probs[token]):.4f} ({float(probs[token]) / mass:.4f} within the nucleus)")
 
 
-def _stop_check(show, tokenizer, text: TextStream, token: int, step: int, limit: int) -> bool:
-    """Prints the stop check of `Llama.stream` for this token; True if generation ends here."""
-    if token in tokenizer.stop_tokens:
+def _show_stop_check(show, tokenizer, seq, token: int) -> None:
+    """Prints the sequence's stop check (its `StopCriteria`) for the token just sampled."""
+    stop, n = seq.stop, len(seq.tokens)
+    if stop.cause == "stop token":
         show(f"  stop check {_piece(tokenizer, token)} is a stop token -> stop (it is not part of the completion)")
-        return True
-    text.push(token)
-    if text.stopped:
-        found = next(s for s in text.stop if s in text.text)
+    elif stop.cause == "stop string":
+        found = next(s for s in stop.text.stop if s in stop.text.text)
         show(f"  stop check the text now holds the stop string {found!r} -> stop (the completion ends before it)")
-        return True
-    if step + 1 >= limit:
-        show(f"  stop check {step + 1}/{limit} tokens: the length limit -> stop")
-        return True
-    show(f"  stop check not a stop token; {step + 1}/{limit} tokens -> go on")
-    return False
+    elif stop.cause == "length":
+        show(f"  stop check {n}/{stop.limit} tokens: the length limit -> stop")
+    else:
+        show(f"  stop check not a stop token; {n}/{stop.limit} tokens -> go on")
 
 
 def _piece(tokenizer, token: int) -> str:

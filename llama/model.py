@@ -48,6 +48,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     use_scaled_rope: bool = False  # Llama 3.1 long-context frequency scaling
+    max_position_embeddings: Optional[int] = None  # positions it was trained for (converters store it); None: unknown
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
@@ -152,6 +153,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    @staticmethod
+    def bytes_for(max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes that the k and v buffers of a cache of these sizes take, without allocating them."""
+        return 2 * max_batch_size * n_kv_heads * max_seq_len * head_dim * dtype.itemsize
+
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Writes k, v (B, Hkv, T, hd) at `positions` and returns the keys and values
         of the first kv_len positions: (B, Hkv, kv_len, hd) each.
@@ -173,6 +179,11 @@ class KVCache(nn.Module):
         n = rows.shape[0]
         self.k[:n] = self.k[rows]
         self.v[:n] = self.v[rows]
+
+    def move(self, src: int, dst: int, length: int):
+        """Row dst takes the first `length` positions of row src (continuous batching compacts its rows)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
 
 
 class Attention(nn.Module):
@@ -312,6 +323,11 @@ class Transformer(nn.Module):
         """Cache row i takes the keys and values of row rows[i] (a (n,) long tensor), in every layer."""
         for layer in self.layers:
             layer.attention.cache.reorder(rows)
+
+    def move_cache_row(self, src: int, dst: int, length: int):
+        """Cache row dst takes the first `length` positions of row src, in every layer."""
+        for layer in self.layers:
+            layer.attention.cache.move(src, dst, length)
 
     def forward(
         self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None

@@ -26,9 +26,11 @@ Shapes: B rows, V vocabulary ids, t tokens generated so far, L prompt length.
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
+
+from llama.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -53,39 +55,91 @@ class SamplingParams:
         # Freeze lists into tuples, so params are hashable and cannot change behind the loop's back.
         try:
             object.__setattr__(self, "bad_words", tuple(tuple(word) for word in self.bad_words))
+        except TypeError as e:
+            raise InvalidArgument("bad_words", f"bad_words must be a list of token-id lists: {e}") from e
+        try:
             object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
         except TypeError as e:
-            raise ValueError(f"bad_words must be a list of token-id lists and stop_tokens a list of ids: {e}") from e
+            raise InvalidArgument("stop_tokens", f"stop_tokens must be a list of token ids: {e}") from e
         self.validate()
 
+    @classmethod
+    def from_options(
+        cls, tokenizer, vocab_size: int, temperature: float = 0.6, top_p: float = 0.9, *, top_k: int = 0,
+        min_p: float = 0.0, min_gen_len: int = 0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0, bad_words: Optional[Sequence[Union[str, Sequence[int]]]] = None,
+    ) -> "SamplingParams":
+        """The validated controls from user options (`Llama.generate`'s keywords).
+
+        bad_words: words never generated: token-id lists, or strings, banned as tokenized
+        alone and after a space; a single string is one word.
+
+        Raises:
+            InvalidArgument: a control is outside its range (`.name` says which).
+        """
+        if isinstance(bad_words, str):
+            bad_words = [bad_words]
+        words = []
+        for word in bad_words or []:
+            if isinstance(word, str):
+                words.append(tokenizer.encode(word, bos=False, eos=False))
+                words.append(tokenizer.encode(" " + word, bos=False, eos=False))
+            elif isinstance(word, (list, tuple)):
+                words.append(list(word))
+            else:
+                raise InvalidArgument(
+                    "bad_words", f"bad_words must hold strings or token-id lists, got {type(word).__name__}: {word!r}"
+                )
+        for word in words:
+            if any(not _is_int(t) or not 0 <= t < vocab_size for t in word):
+                raise InvalidArgument(
+                    "bad_words", f"bad_words: {word} holds token ids outside the vocabulary [0, {vocab_size})"
+                )
+        return cls(
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, min_gen_len=min_gen_len,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, bad_words=list(dict.fromkeys(map(tuple, words))),
+            stop_tokens=tokenizer.stop_tokens,
+        )
+
     def validate(self) -> "SamplingParams":
-        """Raises ValueError naming the first control outside its allowed range; returns self."""
+        """Raises InvalidArgument naming the first control outside its allowed range; returns self."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise InvalidArgument(name, f"{name} must be a number, got {type(value).__name__}: {value!r}")
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise InvalidArgument("temperature", f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidArgument("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
+            raise InvalidArgument("top_k", f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
+            raise InvalidArgument("min_p", f"min_p must be in [0, 1] (0 turns it off), got {self.min_p}")
         if not _is_int(self.min_gen_len) or self.min_gen_len < 0:
-            raise ValueError(f"min_gen_len must be an integer >= 0, got {self.min_gen_len!r}")
+            raise InvalidArgument("min_gen_len", f"min_gen_len must be an integer >= 0, got {self.min_gen_len!r}")
         if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
-            raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+            raise InvalidArgument(
+                "repetition_penalty", f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2] (0 turns it off), got {value}")
+                raise InvalidArgument(name, f"{name} must be in [-2, 2] (0 turns it off), got {value}")
         for word in self.bad_words:
             if len(word) == 0 or not all(_is_int(t) and t >= 0 for t in word):
-                raise ValueError(f"bad_words must be non-empty lists of token ids >= 0, got {list(word)}")
+                raise InvalidArgument("bad_words", f"bad_words must be non-empty lists of token ids >= 0, got {list(word)}")
         if not all(_is_int(t) and t >= 0 for t in self.stop_tokens):
-            raise ValueError(f"stop_tokens must be token ids >= 0, got {list(self.stop_tokens)}")
+            raise InvalidArgument("stop_tokens", f"stop_tokens must be token ids >= 0, got {list(self.stop_tokens)}")
         return self
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 # --- Helpers -------------------------------------------------------------------------------------

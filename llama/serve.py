@@ -18,8 +18,9 @@ is OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, and never s
 server: 400 for invalid requests, 404 for an unknown model, 413 for an oversized body, 429
 (with Retry-After) when the queue is full, 504 when a request runs past --request-timeout.
 
-The HTTP side (this module) turns requests into `llama.scheduler.Sequence`s and the
-scheduler's events into OpenAI's responses; `llama.scheduler` batches them on the model.
+The HTTP side (this module) turns requests into `llama.scheduler.Job`s and the
+scheduler's events into OpenAI's responses; `llama.scheduler` feeds them to the
+library's decoding engine (`Llama.engine`), which batches them on the model.
 """
 
 import argparse
@@ -48,15 +49,8 @@ from llama.default_model import DEFAULT_MODEL_NAME
 from llama.distributed import get_rank
 from llama.generation import Llama
 from llama.options import add_model_options, build_llama, check_model_options
-from llama.scheduler import (
-    Delta,
-    Finished,
-    ModelRunner,
-    QueueFull,
-    Scheduler,
-    Sequence,
-    TokenLogprob,
-)
+from llama.errors import InvalidArgument
+from llama.scheduler import Delta, Finished, Job, QueueFull, Scheduler, TokenLogprob
 
 logger = logging.getLogger("llama.serve")  # the same name under `python -m`
 
@@ -307,13 +301,13 @@ class OpenAIServer:
             raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", param="echo")
         prompt_tokens = self._completion_prompt(body.prompt)
         top = body.logprobs
-        seq = self._sequence(body, prompt_tokens, body.max_tokens, default_max_tokens=16,
+        job = self._sequence(body, prompt_tokens, body.max_tokens, default_max_tokens=16,
                              logprobs=top is not None, top_logprobs=top or 0)
         echo = ""
         if body.echo:
             echo = body.prompt if isinstance(body.prompt, str) else self.tokenizer.decode(prompt_tokens)
         fmt = TextCompletionFormat(self.model_name, echo, top)
-        return await self._respond(request, seq, self._submit(seq), fmt, body)
+        return await self._respond(request, job, self._submit(job), fmt, body)
 
     async def chat_completions(self, request: Request):
         body = await self._read(request, ChatRequest)
@@ -321,13 +315,13 @@ class OpenAIServer:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         prompt_tokens, refusal = self._chat_prompt(body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        seq = self._sequence(body, prompt_tokens, max_tokens, default_max_tokens=None,
+        job = self._sequence(body, prompt_tokens, max_tokens, default_max_tokens=None,
                              logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0)
         if refusal is None:
-            events = self._submit(seq)
+            events = self._submit(job)
         else:  # the chat format refuses this dialog: its refusal is the whole answer, as in chat_completion
             events = replay([Delta(refusal, []), Finished("stop", len(prompt_tokens), 0)])
-        return await self._respond(request, seq, events, ChatCompletionFormat(self.model_name, body.logprobs), body)
+        return await self._respond(request, job, events, ChatCompletionFormat(self.model_name, body.logprobs), body)
 
     async def models(self):
         model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llama",
@@ -393,13 +387,13 @@ class OpenAIServer:
         return tokens, (refuse(dialog) if refuse else None)
 
     def _sequence(self, body: GenerationRequest, prompt_tokens: List[int], max_tokens: Optional[int], *,
-                  default_max_tokens: Optional[int], logprobs: bool, top_logprobs: int) -> Sequence:
+                  default_max_tokens: Optional[int], logprobs: bool, top_logprobs: int) -> Job:
         """A scheduler sequence for the request; 400 when it cannot fit the context or a control is out of range."""
         room = self.max_seq_len - len(prompt_tokens)
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {self.max_seq_len} tokens and the prompt "
                                 f"has {len(prompt_tokens)}: shorten it (or start the server with a larger "
-                                f"--max-seq-len)", param="messages" if isinstance(body, ChatRequest) else "prompt",
+                                f"--max-job-len)", param="messages" if isinstance(body, ChatRequest) else "prompt",
                            code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
@@ -408,53 +402,52 @@ class OpenAIServer:
                                 f"{len(prompt_tokens)} and max_tokens asks for {max_tokens} more: ask for at most "
                                 f"{room}", param="max_tokens", code="context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return Sequence(prompt_tokens, max_tokens, self._sampling_params(body), stop=stop, seed=body.seed,
+        return Job(prompt_tokens, max_tokens, self._sampling_params(body), stop=stop, seed=body.seed,
                         logprobs=logprobs, top_logprobs=top_logprobs, timeout=self.request_timeout)
 
     def _sampling_params(self, body: GenerationRequest):
-        """The library's validated controls; their own ValueError messages become the 400's."""
+        """The library's validated controls; their own errors become the 400's, naming the field."""
 
         def given(value, default):
             return default if value is None else value
 
         try:
-            return self.llama._sampling_params(
+            return self.llama.sampling_params(
                 given(body.temperature, 1.0), given(body.top_p, 1.0), top_k=given(body.top_k, 0),
                 min_p=given(body.min_p, 0.0), min_gen_len=given(body.min_tokens, 0),
                 repetition_penalty=given(body.repetition_penalty, 1.0),
                 presence_penalty=given(body.presence_penalty, 0.0),
                 frequency_penalty=given(body.frequency_penalty, 0.0), bad_words=body.bad_words,
             )
-        except ValueError as e:
-            name = str(e).split()[0].rstrip(":")
-            param = {"min_gen_len": "min_tokens"}.get(name, name)
+        except InvalidArgument as e:
+            param = {"min_gen_len": "min_tokens"}.get(e.name, e.name)
             raise APIError(400, str(e), param=param if param in GenerationRequest.model_fields else None) from None
 
-    # --- Sequences -> responses ---
+    # --- Jobs -> responses ---
 
-    def _submit(self, seq: Sequence) -> AsyncIterator[object]:
+    def _submit(self, job: Job) -> AsyncIterator[object]:
         """Queues the sequence (429 when the queue is full); returns its events, as they come."""
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        seq.sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
+        job.sink = lambda event: loop.call_soon_threadsafe(queue.put_nowait, event)
         try:
-            self.scheduler.submit(seq)
+            self.scheduler.submit(job)
         except QueueFull as e:
             raise APIError(429, f"the server is busy ({e}): retry later", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
-        return events_of(queue, seq)
+        return events_of(queue, job)
 
-    async def _respond(self, request: Request, seq: Sequence, events: AsyncIterator[object], fmt, body):
+    async def _respond(self, request: Request, job: Job, events: AsyncIterator[object], fmt, body):
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(self._stream(events, fmt, include_usage), media_type="text/event-stream",
                                      headers=headers)
-        return JSONResponse(await self._collect(request, seq, events, fmt))
+        return JSONResponse(await self._collect(request, job, events, fmt))
 
-    async def _collect(self, request: Request, seq: Sequence, events: AsyncIterator[object], fmt) -> dict:
+    async def _collect(self, request: Request, job: Job, events: AsyncIterator[object], fmt) -> dict:
         """The whole response; a client that disconnects meanwhile cancels the sequence."""
-        watcher = asyncio.create_task(cancel_on_disconnect(request, seq))
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         texts, logprobs = [], []
         try:
             async for event in events:
@@ -494,7 +487,7 @@ class OpenAIServer:
             raise APIError(500, finished.message, type="server_error")
 
 
-async def events_of(queue: asyncio.Queue, seq: Sequence) -> AsyncIterator[object]:
+async def events_of(queue: asyncio.Queue, job: Job) -> AsyncIterator[object]:
     """A sequence's events up to its `Finished`; leaving early (a client gone) cancels the sequence."""
     try:
         while True:
@@ -503,7 +496,7 @@ async def events_of(queue: asyncio.Queue, seq: Sequence) -> AsyncIterator[object
             if isinstance(event, Finished):
                 return
     finally:
-        seq.cancel()  # no-op once finished
+        job.cancel()  # no-op once finished
 
 
 async def replay(events: List[object]) -> AsyncIterator[object]:
@@ -511,18 +504,21 @@ async def replay(events: List[object]) -> AsyncIterator[object]:
         yield event
 
 
-async def cancel_on_disconnect(request: Request, seq: Sequence) -> None:
+async def cancel_on_disconnect(request: Request, job: Job) -> None:
     """Cancels the sequence when the client closes the connection (the body is read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    logger.debug("client left: cancelling request %d", seq.id)
-    seq.cancel()
+    logger.debug("client left: cancelling request %d", job.id)
+    job.cancel()
 
 
 def create_app(llama: Llama, *, model_name: str, queue_size: int = 64, request_timeout: Optional[float] = 600.0,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, runner: Optional[ModelRunner] = None) -> FastAPI:
-    """The FastAPI app serving `llama`; its scheduler thread runs while the app does (`app.state.scheduler`)."""
-    scheduler = Scheduler(llama.model, llama.tokenizer, queue_size=queue_size, runner=runner)
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app serving `llama`; its scheduler thread runs `llama.engine` while the app does
+    (`app.state.scheduler`). Under torchrun, create it on rank 0 only: its engine leads the other
+    ranks, which run `llama.engine.runner.follow()`."""
+    llama.engine.runner.lead()
+    scheduler = Scheduler(llama.engine, queue_size=queue_size)
     server = OpenAIServer(llama, scheduler, model_name=model_name, request_timeout=request_timeout or None,
                           max_body_bytes=max_body_bytes)
 
@@ -589,7 +585,7 @@ def main(argv: Optional[SequenceType[str]] = None, prog: str = "python -m llama.
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llama = build_llama(args)  # and torch's threads, as --threads says
     model_name = args.model_name or (args.ckpt_dir.resolve().name if args.ckpt_dir else DEFAULT_MODEL_NAME)
-    runner = ModelRunner(llama.model)
+    runner = llama.engine.runner
     if runner.world_size != fs_init.get_model_parallel_world_size():
         raise ValueError(
             f"{runner.world_size} processes serve a {fs_init.get_model_parallel_world_size()}-shard checkpoint: "
@@ -603,7 +599,7 @@ def main(argv: Optional[SequenceType[str]] = None, prog: str = "python -m llama.
         runner.follow()
         return
     app = create_app(llama, model_name=model_name, queue_size=args.queue_size, request_timeout=args.request_timeout,
-                     max_body_bytes=args.max_body_bytes, runner=runner)
+                     max_body_bytes=args.max_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -31,6 +31,11 @@ class TextStream:
         self.emitted = 0  # characters of self.text handed out so far
         self.stopped = False  # a stop string was reached: nothing more will be handed out
 
+    @property
+    def shown(self) -> str:
+        """The text handed out so far: after `flush`, the whole text, cut before a stop string."""
+        return self.text[: self.emitted]
+
     def push(self, token: int) -> str:
         """Adds one token; returns the text that became final (often "", sometimes several characters)."""
         if self.stopped:

@@ -38,7 +38,7 @@ def test_compiled_greedy_tokens_equal_eager(tiny_checkpoints, llama3_tokenizer_p
 
 def test_compiled_int8_greedy_tokens_equal_eager_int8(tiny_checkpoints, llama3_tokenizer_path):
     """Quantized modules trace too: compile=True with quantize="int8" (the fastest CPU configuration
-    in benchmarks/) gives the greedy tokens of the eager int8 model."""
+    in bench/) gives the greedy tokens of the eager int8 model."""
     build = dict(ckpt_dir=tiny_checkpoints["gqa"], tokenizer_path=llama3_tokenizer_path, max_seq_len=32,
                  max_batch_size=2, quantize="int8")
     eager = Llama.build(**build)

@@ -462,3 +462,35 @@ def test_two_shards_under_torchrun_serve_the_same_text(tiny_checkpoints, llama3_
         process.send_signal(signal.SIGINT)  # rank 0 shuts down gracefully and releases rank 1
         output = process.communicate(timeout=60)[0]
     assert "[rank0]: Traceback" not in output and "[rank1]: Traceback" not in output, output  # both left cleanly
+
+
+# --- Compiled decoding --------------------------------------------------------------------------------
+
+
+def test_compiled_server_answers_equal_eager(tiny_checkpoints, llama3_tokenizer_path, reference, monkeypatch):
+    """`llama serve --compile`: the server's engine runs the compiled decode step (batch sizes 1 and 2)
+    and answers what the eager library answers. Inductor's GEMM tuning is turned off here: it changes
+    which kernels run, not what the server does, and would make this test minutes longer."""
+    import llama.engine.model_runner as model_runner
+
+    monkeypatch.setattr(model_runner, "CPU_INDUCTOR_OPTIONS", {"freezing": True})
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    llama = Llama.build(tiny_checkpoints["gqa"], llama3_tokenizer_path, max_seq_len=MAX_SEQ_LEN, max_batch_size=2,
+                        device="cpu", compile=True)
+    app = create_app(llama, model_name=MODEL, queue_size=4, request_timeout=None)
+    prompts, max_tokens = PROMPTS[:4], [5, 9, 3, 7]
+    with running_server(app) as url:
+        def ask(i):
+            body = {"model": MODEL, "prompt": prompts[i], "max_tokens": max_tokens[i], "temperature": 0}
+            return httpx.post(url + "/v1/completions", json=body, timeout=600).json()["choices"][0]["text"]
+
+        results = [ask(0)]  # alone: compiles batch size 1
+        threads = [threading.Thread(target=lambda i=i: results.append((i, ask(i)))) for i in range(1, 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+    answers = [results[0]] + [text for _, text in sorted(results[1:])]
+    assert answers == [greedy(reference, p, n) for p, n in zip(prompts, max_tokens)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before  # the compiled step ran
+    torch._dynamo.reset()

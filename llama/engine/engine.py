@@ -1,0 +1,213 @@
+"""The engine: one decoding loop under the library, the server, beam search and the explainer.
+
+    engine.add(request)       queue a request (its sequences wait for free rows)
+    engine.step()             admit and prefill the waiting requests that fit, or else
+                              advance every running sequence by one decode step
+    engine.abort(request)     drop a request, waiting or running, between steps (cancellation)
+
+One step, told as the state machine it is:
+
+    1. schedule     waiting requests that fit take rows 0..k-1 (the running rows move out of the way)
+    2. run          prefill them (their first tokens), or one decode step for every running row
+    3. sample       each request's rows with its own controls and generator (`Sampler`)
+    4. stop check   each sequence's `StopCriteria`: stop token, stop string, length limit
+    5. release      requests whose every sequence has ended free their rows (compaction)
+
+`Llama.generate` adds one request and steps until it is finished; the server's
+thread adds requests as they come and steps forever.
+"""
+
+import collections
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Deque, Iterator, List, Optional, Tuple
+
+import torch
+
+from llama.engine.kv_cache import CacheLayout, CacheRows
+from llama.engine.model_runner import ModelRunner, Step
+from llama.engine.sampler import Group, Sampler
+from llama.engine.sequence import Request, Sequence
+from llama.engine.stopping import StopCriteria
+from llama.processors import SamplingParams, pad_prompts
+
+
+@dataclass
+class TokenOutput:
+    """What one step did to one sequence."""
+
+    sequence: Sequence
+    token: int  # the token sampled (a stop token too)
+    text: str  # text that became final with it ("" unless the sequence decodes its text)
+    finish_reason: Optional[str]  # "stop" or "length" when the sequence ended with this token
+    logprob: Optional[float] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None  # (id, log-probability), best first
+
+
+# Called after each sampling with (request, its logits (k, V), its tokens (k,)): the explainer's view.
+Observer = Callable[[Request, torch.Tensor, torch.Tensor], None]
+
+
+class Engine:
+    """Continuous batching of requests on one model.
+
+    Args:
+        runner: runs the model (and, under torchrun, keeps the ranks in lockstep).
+        tokenizer: for the stop tokens and the text of the sequences.
+    """
+
+    def __init__(self, runner: ModelRunner, tokenizer):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.device = runner.device
+        self.max_seq_len = runner.model.params.max_seq_len
+        self.max_batch_size = runner.model.params.max_batch_size
+        self.rows = CacheRows(self.max_batch_size)
+        self.sampler = Sampler()
+        self.waiting: Deque[Request] = collections.deque()
+        self.requests: List[Request] = []  # running, in admission order
+        self.counters = collections.Counter(steps=0, prefill_steps=0, tokens=0)
+        self._observers: List[Observer] = []
+
+    # --- Building requests ---
+
+    def request(self, prompts: List[List[int]], params: SamplingParams, max_new_tokens: int, *,
+                generator: torch.Generator, stop=(), text: bool = False, logprobs: bool = False,
+                top_logprobs: int = 0) -> Request:
+        """A request continuing each prompt (one sequence each), not yet added.
+
+        Args:
+            prompts: token ids, each 1 to max_seq_len - 1 of them.
+            params: the sampling controls, shared by every sequence.
+            max_new_tokens: most tokens per sequence (the end of the context may stop it earlier).
+            generator: every draw of the request comes from it.
+            stop: stop strings.
+            text: decode each sequence's text as it grows (`TokenOutput.text`).
+            logprobs, top_logprobs: record each token's log-probability, and this many alternatives.
+        """
+        if len(prompts) > self.max_batch_size:
+            raise ValueError(f"{len(prompts)} sequences exceed max_batch_size={self.max_batch_size}")
+        sequences = []
+        for prompt in prompts:
+            if not 0 < len(prompt) < self.max_seq_len:
+                raise ValueError(f"a prompt needs 1 to {self.max_seq_len - 1} tokens, got {len(prompt)}")
+            stop_criteria = StopCriteria(self.tokenizer, len(prompt), max_new_tokens, self.max_seq_len,
+                                         stop=stop, text=text)
+            sequences.append(Sequence(prompt, stop_criteria, logprobs=logprobs, top_logprobs=top_logprobs))
+        return Request(sequences, params, generator)
+
+    # --- Between steps (the driver's thread) ---
+
+    def add(self, request: Request) -> None:
+        """Queues the request; it is admitted when rows for all its sequences are free."""
+        self.waiting.append(request)
+
+    def abort(self, request: Request) -> None:
+        """Removes the request, waiting or running; its rows are freed before the next step."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.requests:
+            self.requests.remove(request)
+            self.rows.release(request.sequences)
+
+    @property
+    def running(self) -> List[Sequence]:
+        """The sequences in the batch, in row order."""
+        return self.rows.running
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.requests or self.waiting)
+
+    @property
+    def cache_layout(self) -> CacheLayout:
+        return CacheLayout.of(self.runner.model)
+
+    @contextlib.contextmanager
+    def observe(self, observer: Observer) -> Iterator[None]:
+        """Calls `observer` after every sampling while the block runs."""
+        self._observers.append(observer)
+        try:
+            yield
+        finally:
+            self._observers.remove(observer)
+
+    # --- The step ---
+
+    def step(self) -> List[TokenOutput]:
+        """Prefills the waiting requests that fit, or else decodes one token for every running sequence.
+
+        Returns what happened to each sequence that is still part of the result (sequences
+        past their end but kept in the batch by their request are decoded, not reported).
+        """
+        newcomers = self._admit()
+        if newcomers:
+            sequences = [seq for request in newcomers for seq in request.sequences]  # rows 0..k-1
+            logits = self.runner.run(Step(moves=self.rows.take_moves(), prompts=[s.prompt_tokens for s in sequences]))
+            self.counters["prefill_steps"] += 1
+        elif self.requests:
+            sequences = self.running
+            tokens = [seq.tokens[-1] for seq in sequences]
+            positions = [min(seq.cache_len, self.max_seq_len - 1) for seq in sequences]  # a row past its end: last slot
+            logits = self.runner.run(Step(moves=self.rows.take_moves(), tokens=tokens, positions=positions))
+            self.counters["steps"] += 1
+        else:
+            return []
+        return self._advance(sequences, logits)
+
+    def idle_step(self) -> None:
+        """A step without a forward pass: carries out pending row moves (and keeps followers' broadcasts alive)."""
+        self.runner.run(Step(moves=self.rows.take_moves()))
+
+    def _admit(self) -> List[Request]:
+        """Waiting requests that fit, oldest first (a request too big for the free rows waits, and so do the rest)."""
+        newcomers: List[Request] = []
+        free = self.rows.free
+        while self.waiting and len(self.waiting[0].sequences) <= free:
+            request = self.waiting.popleft()
+            free -= len(request.sequences)
+            request.prompts = pad_prompts([s.prompt_tokens for s in request.sequences], self.device)  # (k, L)
+            request.generated = torch.empty(len(request.sequences), 0, dtype=torch.long, device=self.device)
+            newcomers.append(request)
+        if newcomers:
+            self.rows.admit([seq for request in newcomers for seq in request.sequences])
+            self.requests.extend(newcomers)
+        return newcomers
+
+    def _advance(self, sequences: List[Sequence], logits: torch.Tensor) -> List[TokenOutput]:
+        """Samples the next token of every row of logits (B, V), runs the stop checks, releases what ended."""
+        index = {seq.id: row for row, seq in enumerate(sequences)}
+        requests = list(dict.fromkeys(seq.request for seq in sequences))
+        groups: List[Group] = [(r, [index[s.id] for s in r.sequences]) for r in requests]
+        tokens = self.sampler(logits, groups)  # (B,)
+        for request, rows in groups:
+            for observer in self._observers:
+                observer(request, logits[rows], tokens[rows])
+        chosen = tokens.tolist()  # the step's one host-device sync
+
+        outputs: List[TokenOutput] = []
+        for request, rows in groups:
+            if any(seq.want_logprobs for seq in request.sequences):
+                top = max(seq.top_logprobs for seq in request.sequences)
+                logprobs, alternatives = self.sampler.logprobs(logits, tokens, rows, top)
+            for i, (seq, row) in enumerate(zip(request.sequences, rows)):
+                token = chosen[row]
+                ended = seq.finished  # before this token: decoded only to keep its request's draws
+                seq.tokens.append(token)
+                if seq.want_logprobs:
+                    seq.logprobs.append(logprobs[i])
+                if ended:
+                    continue
+                text, reason = seq.stop.append(token)
+                out = TokenOutput(seq, token, text, reason)
+                if seq.want_logprobs:
+                    out.logprob = logprobs[i]
+                    out.top_logprobs = alternatives[i][: seq.top_logprobs] if alternatives else None
+                outputs.append(out)
+                self.counters["tokens"] += token not in seq.stop.stop_tokens
+        # Release once every row has its new token: a move copies the positions a row has filled.
+        for request, _ in groups:
+            if request.finished:
+                self.requests.remove(request)
+                self.rows.release(request.sequences)
+        return outputs

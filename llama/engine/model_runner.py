@@ -1,0 +1,172 @@
+"""The model runner: the only code that runs the model while decoding.
+
+Two phases, as in TGI's model server:
+    prefill(prompts)                 prompt i into cache row i, every prompt in one
+                                     right-padded pass; logits at each prompt's last token
+    decode_step(tokens, positions)   row i feeds tokens[i] at positions[i]; logits of the next tokens
+
+Everything else the decoding loop asks of the model (cache-row moves, the
+beams' reorder) travels with them in a `Step`. Under torchrun, when the server
+leads (`lead()`), rank 0 broadcasts each `Step` and the other ranks run it in
+lockstep on their shards (`follow()`); the library instead runs the same
+program on every rank, each rank stepping its own runner.
+
+Shapes: B rows in a step, k prompts, L longest prompt, V vocabulary, D model dim.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from llama.model import Transformer
+from llama.parallel import make_compilable
+
+logger = logging.getLogger(__name__)
+
+# Inductor settings of the compiled decode step on CPU. Freezing makes the weights constants of
+# the graph, so max-autotune can use inductor's own C++ GEMM kernels, which repack each weight
+# once for the matrix-vector products of decoding; where they lose, it keeps ATen's (MKL's).
+# MKL's fp32 matrix-vector path streams about half the memory bandwidth on the AMD CPUs we
+# measured (bench/README.md, "Kernels"; `python -m bench.linear_kernels`).
+# The tuning is not printed (inductor writes every candidate's timing to stderr by default).
+CPU_INDUCTOR_OPTIONS = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",
+    "autotune_num_choices_displayed": 0,
+    "max_autotune_report_choices_stats": False,
+}
+
+
+def compile_decode_step(step: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:
+    """`step` compiled once per batch size: its shapes are static (one token per row, the whole
+    cache read). On GPUs it is replayed as a CUDA graph. On CPU the weights are frozen into the
+    compiled code: changing them afterwards is not seen, and the repacked copies the GEMM kernels
+    read take about as much memory again as the weights."""
+    if device.type == "cuda":
+        return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    import torch._inductor.config as inductor_config  # imported on use: loading it takes a second
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+
+    def frozen_step(*args, **kwargs) -> torch.Tensor:
+        # torch.compile(options=...) does not reach freezing; patch inductor's config for
+        # this call only (compilation happens inside it) instead of changing it for everyone.
+        with inductor_config.patch(CPU_INDUCTOR_OPTIONS):
+            return compiled(*args, **kwargs)
+
+    return frozen_step
+
+
+@dataclass
+class Step:
+    """One step of the decoding loop, the same on every rank: cache-row moves, then at most one forward pass."""
+
+    moves: List[Tuple[int, int, int]] = field(default_factory=list)  # (from row, to row, positions), in order
+    prompts: Optional[List[List[int]]] = None  # prefill: prompt i into cache row i
+    tokens: Optional[List[int]] = None  # decode: row i feeds tokens[i] at positions[i]
+    positions: Optional[List[int]] = None
+    shutdown: bool = False  # the other ranks leave `follow`
+
+
+class ModelRunner:
+    """Runs `Step`s on the model.
+
+    Args:
+        model: the transformer (its KV cache sizes the batch and the context).
+        compile: compile the decode step (`compile_decode_step`): static shapes,
+            the whole cache read under a mask, one compilation per batch size.
+    """
+
+    def __init__(self, model: Transformer, *, compile: bool = False):
+        self.model = model
+        self.device = model.output.weight.device
+        self.max_seq_len = model.params.max_seq_len
+        self.compiled = compile
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.leading = False  # rank 0 broadcasts every step to followers
+        self._decode = self._decode_rows
+        if compile:
+            make_compilable(model)  # fairscale's layers -> traceable twins with the same weights
+            self._decode = compile_decode_step(self._decode_rows, self.device)
+
+    # --- Lockstep under torchrun ---
+
+    def lead(self) -> None:
+        """From now on rank 0 sends every step to the other ranks, which run `follow()`."""
+        self.leading = self.world_size > 1
+
+    def run(self, step: Step) -> Optional[torch.Tensor]:
+        """Runs the step (on rank 0 of a leading runner: on every rank); its logits (B, V), None without a pass."""
+        if self.leading:
+            dist.broadcast_object_list([step], src=0)
+        return self.execute(step)
+
+    def follow(self) -> None:
+        """On ranks > 0: runs rank 0's steps until it shuts down."""
+        with torch.inference_mode():
+            while True:
+                box = [None]
+                dist.broadcast_object_list(box, src=0)
+                step = box[0]
+                if step.shutdown:
+                    logger.info("rank 0 shut down: leaving")
+                    return
+                self.execute(step)
+
+    def close(self) -> None:
+        """On rank 0: releases the other ranks from `follow`."""
+        if self.leading:
+            try:
+                self.run(Step(shutdown=True))
+            except Exception as e:  # a rank already gone (killed): nothing left to release
+                logger.warning("could not release the other ranks: %s", e)
+            self.leading = False
+
+    def execute(self, step: Step) -> Optional[torch.Tensor]:
+        for src, dst, length in step.moves:
+            self.model.move_cache_row(src, dst, length)
+        if step.prompts:
+            return self.prefill(step.prompts)
+        if step.tokens:
+            return self.decode_step(step.tokens, step.positions)
+        return None
+
+    # --- The two phases ---
+
+    def prefill(self, prompts: List[List[int]], every_position: bool = False) -> torch.Tensor:
+        """Writes prompt i into cache row i; returns fp32 logits (k, V) at each prompt's last
+        position, or with every_position (one prompt) the logits (L, V) after every position."""
+        lengths = [len(p) for p in prompts]
+        padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=self.device)  # (k, L), 0 = filler
+        for row, prompt in enumerate(prompts):
+            padded[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
+        same_length = min(lengths) == max(lengths)  # then every row shares its positions (simplest path)
+        start = 0 if same_length else torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        hidden = self.model.forward_hidden(padded, start, kv_len=max(lengths))  # (k, L, D)
+        if every_position:
+            return self.model.output(hidden).float()[0]  # (L, V)
+        last = torch.tensor(lengths, device=self.device) - 1
+        last_hidden = hidden[torch.arange(len(prompts), device=self.device), last]  # (k, D)
+        return self.model.output(last_hidden).float()  # (k, V)
+
+    def decode_step(self, tokens: List[int], positions: List[int]) -> torch.Tensor:
+        """Row i feeds tokens[i] at positions[i] (at most max_seq_len - 1); returns the logits (B, V)."""
+        batch = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
+        if min(positions) == max(positions) and not self.compiled:
+            # Every row at one position (always so with one row): the reference's call, no mask.
+            return self.model(batch, positions[0])[:, -1]
+        start = torch.tensor(positions, device=self.device)  # (B,)
+        # Compiled: read the whole cache (masked), a static shape whatever the positions.
+        return self._decode(batch, start, self.max_seq_len if self.compiled else max(positions) + 1)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Cache row i takes the keys and values of row rows[i] (beam search: each beam follows its parent)."""
+        self.model.reorder_cache(rows)
+
+    def _decode_rows(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Logits (B, V) of one new token per row (B, 1) at each row's position (B,)."""
+        return self.model(tokens, positions, kv_len=kv_len)[:, -1]
