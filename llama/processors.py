@@ -88,7 +88,7 @@ class SamplingParams:
                 words.append(list(word))
             else:
                 raise InvalidArgument(
-                    "bad_words", f"bad_words must hold strings or token-id lists, got {type(word).__name__}: {word!r}"
+                    "bad_words", f"bad_words must hold strings or token-id lists, got {type(word).__name__} {word!r}"
                 )
         for word in words:
             if any(not _is_int(t) or not 0 <= t < vocab_size for t in word):
@@ -107,7 +107,7 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value):
-                raise InvalidArgument(name, f"{name} must be a number, got {type(value).__name__}: {value!r}")
+                raise InvalidArgument(name, f"{name} must be a number, got {type(value).__name__} {value!r}")
         if not self.temperature >= 0:
             raise InvalidArgument("temperature", f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -110,7 +110,7 @@ class GenerationRequest(BaseModel):
     repetition_penalty: Optional[float] = None  # 1: off
     presence_penalty: Optional[float] = None  # 0: off
     frequency_penalty: Optional[float] = None  # 0: off
-    bad_words: Optional[List[str]] = None
+    bad_words: Union[str, List[str], None] = None  # one string: one word
     stop: Union[str, List[str], None] = None
     seed: Optional[int] = None
     stream: Optional[bool] = False

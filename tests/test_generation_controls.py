@@ -69,6 +69,13 @@ def test_beams_in_generate(generator):
     assert isinstance(result["generation"], str)
 
 
+def test_beams_with_echo_and_no_logprobs(generator):
+    """echo without logprobs used to fail in beam search (a TypeError reading absent prompt logprobs)."""
+    (tokens,), logprobs = generator.generate([PROMPT], max_gen_len=4, num_beams=2, echo=True)
+    assert logprobs is None
+    assert tokens == PROMPT + beam_search(generator.model, PROMPT, 4, 2, stop_tokens=generator.tokenizer.stop_tokens)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

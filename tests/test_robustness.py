@@ -1,6 +1,8 @@
 """Bad input fails clearly and leaves the generator as it was; checkpoints and chat formats are safe;
 memory stays flat over many calls."""
 
+import json
+import logging
 import resource
 import shutil
 
@@ -11,6 +13,7 @@ import torch
 from llama import Llama
 from llama.chat_format import ChatFormat, ChatMLFormat, Llama2ChatFormat, make_chat_format
 from llama.checkpoint import find_shards, load_shard
+from llama.errors import InvalidArgument
 from llama.tokenizer import load_tokenizer
 
 DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
@@ -60,6 +63,17 @@ BAD_CALLS = {
     "bad truncate": (lambda g: g.text_completion(["a"], truncate="middle"), "truncate must be"),
     "stream: empty": (lambda g: list(g.stream("")), "prompt 0 is empty"),
     "stream: top_p": (lambda g: list(g.stream(DIALOG, top_p=2)), r"top_p must be in \(0, 1\]"),
+    # Wrong types, each named with what it got.
+    "prompts a string": (lambda g: g.text_completion("Hello there"), r"prompts must be a list of strings, got str"),
+    "prompts None": (lambda g: g.text_completion(None), "prompts must be a list of strings, got NoneType"),
+    "dialogs one dialog": (lambda g: g.chat_completion(DIALOG), "got one dialog"),
+    "dialogs a string": (lambda g: g.chat_completion("hi"), "dialogs must be a list of dialogs"),
+    "max_gen_len a float": (lambda g: g.text_completion(["a"], max_gen_len=3.5), "max_gen_len must be an integer"),
+    "temperature a string": (lambda g: g.text_completion(["a"], temperature="0.5"), "temperature must be a number"),
+    "text for token ids": (lambda g: g.generate(["hello"], 4), "prompt 0 must be a list of token ids"),
+    "prompt_tokens a string": (lambda g: g.generate("hello", 4), "prompt_tokens must be a list of token-id lists"),
+    "stop not strings": (lambda g: g.text_completion(["a"], stop=[1]), "stop must be a string or a list of strings"),
+    "bad_words not words": (lambda g: g.text_completion(["a"], bad_words=[3.5]), "bad_words must hold strings"),
 }
 
 
@@ -71,6 +85,56 @@ def test_bad_input_raises_and_leaves_the_generator_as_fresh(generator, fresh_res
     with pytest.raises(ValueError, match=message):
         call(generator)
     assert first_valid_calls(generator) == fresh_results
+
+
+def test_bad_input_names_the_argument(generator):
+    with pytest.raises(InvalidArgument) as e:
+        generator.text_completion(["a"], temperature="0.5")
+    assert e.value.name == "temperature" and "got str '0.5'" in str(e.value)
+    with pytest.raises(InvalidArgument) as e:
+        generator.generate([[128000]], 2.5)
+    assert e.value.name == "max_gen_len"
+
+
+def test_a_single_string_is_one_stop_string_or_one_bad_word(generator):
+    """OpenAI's convention: stop="x" is ["x"], never the characters of "x"."""
+    prompt = ["The capital of France is"]
+    options = dict(temperature=0, max_gen_len=12)
+    free = generator.text_completion(prompt, **options)[0]["generation"]
+    word = free.split()[1]  # a word the model writes: stopping at it, and banning it, change the answer
+    assert generator.text_completion(prompt, stop=word, **options) == generator.text_completion(
+        prompt, stop=[word], **options)
+    assert generator.text_completion(prompt, stop=word, **options)[0]["generation"] == free[: free.index(word)]
+    assert generator.text_completion(prompt, bad_words=word, **options) == generator.text_completion(
+        prompt, bad_words=[word], **options)
+    assert list(generator.stream(prompt[0], stop=word, **options)) == list(
+        generator.stream(prompt[0], stop=[word], **options))
+
+
+@pytest.mark.parametrize("name", ["max_batch_size", "max_seq_len"])
+def test_build_refuses_floats_for_sizes(build_args, name):
+    with pytest.raises(InvalidArgument, match=f"{name} must be an integer, got float 2.0"):
+        Llama.build(**{**build_args, name: 2.0})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_where_there_is_none_says_what_torch_was_built_with(build_args):
+    with pytest.raises(ValueError, match=r"device='cuda:?\d*', but torch .* was built with .* and sees no GPU"):
+        Llama.build(**build_args, device="cuda")
+
+
+def test_max_seq_len_beyond_the_trained_context_warns(tmp_path, build_args, caplog):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(build_args["ckpt_dir"], ckpt)
+    params = json.loads((ckpt / "params.json").read_text())
+    (ckpt / "params.json").write_text(json.dumps({**params, "max_position_embeddings": 16}))
+    with caplog.at_level(logging.WARNING, logger="llama.generation"):
+        Llama.build(**{**build_args, "ckpt_dir": ckpt, "max_seq_len": 16})
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="llama.generation"):
+        Llama.build(**{**build_args, "ckpt_dir": ckpt, "max_seq_len": 32})
+    (record,) = caplog.records
+    assert "max_seq_len=32 exceeds the 16 positions" in record.getMessage()
 
 
 def test_truncation_is_explicit(generator):

@@ -468,14 +468,14 @@ def test_two_shards_under_torchrun_serve_the_same_text(tiny_checkpoints, llama3_
 
 
 def test_compiled_server_answers_equal_eager(tiny_checkpoints, llama3_tokenizer_path, reference, monkeypatch):
-    """`llama serve --compile`: the server's engine runs the compiled decode step (batch sizes 1 and 2)
-    and answers what the eager library answers. Inductor's GEMM tuning is turned off here: it changes
+    """`llama serve --compile`: the server's engine runs the compiled decode step (one slot: one
+    compilation; the other requests queue) and answers what the eager library answers. Inductor's GEMM tuning is turned off here: it changes
     which kernels run, not what the server does, and would make this test minutes longer."""
     import llama.engine.model_runner as model_runner
 
     monkeypatch.setattr(model_runner, "CPU_INDUCTOR_OPTIONS", {"freezing": True})
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    llama = Llama.build(tiny_checkpoints["gqa"], llama3_tokenizer_path, max_seq_len=MAX_SEQ_LEN, max_batch_size=2,
+    llama = Llama.build(tiny_checkpoints["gqa"], llama3_tokenizer_path, max_seq_len=MAX_SEQ_LEN, max_batch_size=1,
                         device="cpu", compile=True)
     app = create_app(llama, model_name=MODEL, queue_size=4, request_timeout=None)
     prompts, max_tokens = PROMPTS[:4], [5, 9, 3, 7]
@@ -484,7 +484,7 @@ def test_compiled_server_answers_equal_eager(tiny_checkpoints, llama3_tokenizer_
             body = {"model": MODEL, "prompt": prompts[i], "max_tokens": max_tokens[i], "temperature": 0}
             return httpx.post(url + "/v1/completions", json=body, timeout=600).json()["choices"][0]["text"]
 
-        results = [ask(0)]  # alone: compiles batch size 1
+        results = [ask(0)]  # alone: compiles the decode step
         threads = [threading.Thread(target=lambda i=i: results.append((i, ask(i)))) for i in range(1, 4)]
         for t in threads:
             t.start()
