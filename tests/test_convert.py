@@ -310,3 +310,85 @@ def test_destination_must_not_exist(hf_model_dir, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         convert(hf_model_dir, tmp_path / "out")
+
+
+# --- Shard counts that do not divide the heads fail before anything is written ------------------
+
+# SmolLM2's heads (9 query, 3 key/value), in a model small enough to write in a moment.
+SMOL_HEADS = {"dim": 72, "n_layers": 1, "n_heads": 9, "n_kv_heads": 3, "vocab_size": 48, "multiple_of": 64,
+              "ffn_dim_multiplier": None, "norm_eps": 1e-5, "rope_theta": 10000.0}
+SMOL_HIDDEN_DIM = 192  # what multiple_of 64 gives for dim 72
+
+
+@pytest.fixture(scope="module")
+def smol_heads_hf_dir(tmp_path_factory):
+    """A Hugging Face directory (config.json + model.safetensors, no tokenizer) with SmolLM2's head counts."""
+    directory = tmp_path_factory.mktemp("hf-smol-heads")
+    config = transformers.LlamaConfig(
+        vocab_size=SMOL_HEADS["vocab_size"], hidden_size=SMOL_HEADS["dim"], intermediate_size=SMOL_HIDDEN_DIM,
+        num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def write_smol_heads_gguf(path: Path) -> Path:
+    """A complete (but tokenizer-less) GGUF file with SmolLM2's head counts, of float32 tensors."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    dim, hidden, vocab = SMOL_HEADS["dim"], SMOL_HIDDEN_DIM, SMOL_HEADS["vocab_size"]
+    for key, value in [("block_count", 1), ("context_length", 8192), ("embedding_length", dim),
+                       ("feed_forward_length", hidden), ("attention.head_count", 9),
+                       ("attention.head_count_kv", 3), ("vocab_size", vocab)]:
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    kv = 3 * dim // 9
+    shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "output.weight": (vocab, dim),
+              "blk.0.attn_q.weight": (dim, dim), "blk.0.attn_k.weight": (kv, dim), "blk.0.attn_v.weight": (kv, dim),
+              "blk.0.attn_output.weight": (dim, dim), "blk.0.ffn_gate.weight": (hidden, dim),
+              "blk.0.ffn_down.weight": (dim, hidden), "blk.0.ffn_up.weight": (hidden, dim),
+              "blk.0.attn_norm.weight": (dim,), "blk.0.ffn_norm.weight": (dim,)}  # fmt: skip
+    for name, shape in shapes.items():
+        writer.add_tensor(name, torch.zeros(shape).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("source", ["hf", "gguf", "reshard"])
+def test_a_shard_count_that_does_not_divide_the_heads_fails_up_front(source, smol_heads_hf_dir, tmp_path):
+    if source == "reshard":
+        src = write_checkpoint(tmp_path / "meta", SMOL_HEADS, random_state_dict(SMOL_HEADS))
+    else:
+        src = smol_heads_hf_dir if source == "hf" else write_smol_heads_gguf(tmp_path / "smol.gguf")
+    with pytest.raises(ValueError, match=r"n_heads \(9\), n_kv_heads \(3\), .*shard counts that work: 1 or 3$"):
+        if source == "reshard":
+            reshard(src, tmp_path / "out", 2)
+        else:
+            convert(src, tmp_path / "out", model_parallel=2)
+    assert_nothing_written(tmp_path, "out")
+
+
+def test_convert_command_reports_the_shard_counts_that_work(smol_heads_hf_dir, tmp_path, capsys):
+    from llama.convert.__main__ import main
+
+    with pytest.raises(SystemExit) as exit:
+        main([str(smol_heads_hf_dir), str(tmp_path / "out"), "--model-parallel", "2"])
+    assert exit.value.code == 2
+    error = capsys.readouterr().err
+    assert "shard counts that work: 1 or 3" in error and "Traceback" not in error
+    assert_nothing_written(tmp_path, "out")
+
+
+def test_sources_state_the_context_they_were_trained_for(smol_heads_hf_dir, tmp_path):
+    """params.json's max_position_embeddings: from config.json, or from GGUF's llama.context_length."""
+    from llama.convert.gguf import GGUFSource
+    from llama.convert.hf import HuggingFaceSource
+
+    assert HuggingFaceSource(smol_heads_hf_dir).params["max_position_embeddings"] == 2048
+    assert GGUFSource(write_smol_heads_gguf(tmp_path / "smol.gguf")).params["max_position_embeddings"] == 8192
+    params = {**SMOL_HEADS, "max_position_embeddings": 2048}
+    assert ModelArgs.from_params(params).max_position_embeddings == 2048

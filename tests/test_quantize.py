@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import (
@@ -27,13 +28,14 @@ from llama.quantize import (
     Int8Embedding,
     Int8Linear,
     LLMInt8Linear,
-    load_quantized_model,
     quantize_checkpoint,
     quantize_int4_groups,
     quantize_model,
     read_quantization,
+    skeleton_transform,
 )
 from tests.conftest import TINY_PARAMS, random_state_dict, write_checkpoint
+from tests.test_checkpoint import write_safetensors_checkpoint
 
 # Shaped like SmolLM2 (dim 576, vocab 49152): embeddings are a large share of the weights.
 SMOL_LIKE = {**TINY_PARAMS, "dim": 128, "vocab_size": 8192, "multiple_of": 64, "ffn_dim_multiplier": None}
@@ -94,7 +96,7 @@ def test_int8_linear_fallback_path(monkeypatch):
     """Where the CPU kernel is unavailable (GPUs): dequantize-and-multiply in x's dtype."""
     q = Int8Linear.from_float(float_linear("column", 64, 40))
     x = randn(3, 64)
-    monkeypatch.setattr(quantize, "_has_aten", lambda name: False)
+    monkeypatch.setattr(quantize.modules, "_has_aten", lambda name: False)
     assert (q(x) - F.linear(x, q.dequantize())).abs().max() <= 1e-5
 
 
@@ -237,8 +239,8 @@ def test_quantized_checkpoint_loads_on_meta_with_identical_logits(tmp_path, mode
     assert all(torch.equal(shard[name], state[name]) for name in state)
 
     args = ModelArgs.from_params({**SMOL_LIKE, "max_seq_len": 32, "max_batch_size": 2})
-    loaded = load_quantized_model(find_shards(dst)[0], args, torch.device("cpu"), torch.float32,
-                                  read_quantization(params))
+    loaded = load_model(find_shards(dst)[0], args, torch.device("cpu"), torch.float32,
+                        skeleton_transform(read_quantization(params)))
     assert loaded.layers[0].attention.cache.k.dtype == torch.float32
     wq = loaded.layers[0].attention.wq
     assert (wq.scales if mode != "int4" else wq.scales_and_zeros).dtype == torch.bfloat16  # as the kernels take
@@ -248,7 +250,7 @@ def test_quantized_checkpoint_loads_on_meta_with_identical_logits(tmp_path, mode
 
     other = {"mode": "int8" if mode == "int4" else "int4", "group_size": 32}
     with pytest.raises(ValueError, match="does not match"):
-        load_quantized_model(find_shards(dst)[0], args, torch.device("cpu"), torch.float32, other)
+        load_model(find_shards(dst)[0], args, torch.device("cpu"), torch.float32, skeleton_transform(other))
 
 
 def test_quantize_cli_and_errors(tmp_path):
@@ -269,6 +271,26 @@ def test_quantize_cli_and_errors(tmp_path):
         read_quantization({"quantization": {"mode": "fp8"}})
 
 
+def test_quantizing_a_safetensors_checkpoint_stores_int8(tmp_path, tiny_checkpoints, llama3_tokenizer_path):
+    """The int8 shard is written as consolidated.00.pth, and the fp32 safetensors shard is not copied over it."""
+    src = write_safetensors_checkpoint(tmp_path / "fp32", TINY_PARAMS, random_state_dict(TINY_PARAMS, seed=0))
+    (src / "tokenizer.model").write_bytes(llama3_tokenizer_path.read_bytes())
+    quantize_checkpoint(src, tmp_path / "int8", "int8")
+    assert sorted(p.name for p in (tmp_path / "int8").iterdir()) == ["consolidated.00.pth", "params.json",
+                                                                     "tokenizer.model"]
+    shard = torch.load(tmp_path / "int8" / "consolidated.00.pth", weights_only=True)
+    assert shard["layers.0.attention.wq.weight"].dtype == torch.int8
+    assert shard["output.weight"].dtype == torch.int8 and shard["tok_embeddings.weight"].dtype == torch.int8
+    assert shard["layers.0.attention.wq.scales"].dtype == torch.bfloat16
+    assert shard["norm.weight"].dtype == torch.float32
+    assert safetensors.torch.load_file(src / "consolidated.00.safetensors")["output.weight"].dtype == torch.float32
+
+    llama = Llama.build(tmp_path / "int8", tmp_path / "int8" / "tokenizer.model", max_seq_len=32, max_batch_size=1)
+    assert isinstance(llama.model.layers[0].attention.wq, Int8Linear)
+    tokens, _ = llama.generate([[128000, 791, 6864]], max_gen_len=4, temperature=0)
+    assert len(tokens[0]) > 0
+
+
 SHARDED_SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -277,7 +299,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 from llama.checkpoint import find_shards, load_model, read_params, reshard
 from llama.distributed import setup_model_parallel
 from llama.model import ModelArgs
-from llama.quantize import load_quantized_model, quantize_model, read_quantization
+from llama.quantize import quantize_model, read_quantization, skeleton_transform
 
 setup_model_parallel(None, torch.device("cpu"))
 rank = fs_init.get_model_parallel_rank()
@@ -286,8 +308,8 @@ for src, dst in json.loads(sys.argv[1]):
     quantization = read_quantization(read_params(Path(dst)))
     args = lambda: ModelArgs.from_params({**read_params(Path(src)), "max_seq_len": 16, "max_batch_size": 2})
     fp32 = load_model(find_shards(Path(src))[rank], args(), torch.device("cpu"), torch.float32)
-    loaded = load_quantized_model(find_shards(Path(dst))[rank], args(), torch.device("cpu"), torch.float32,
-                                  quantization)
+    loaded = load_model(find_shards(Path(dst))[rank], args(), torch.device("cpu"), torch.float32,
+                        skeleton_transform(quantization))
     tokens = torch.randint(0, 8192, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = fp32(tokens, 0), loaded(tokens, 0)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, List, Optional, Protocol
 
 import torch
 
-from llama.checkpoint import write_checkpoint
+from llama.checkpoint import ffn_hidden_dim, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ def convert(
 
     dtype: of the written weights; defaults to the source's (GGUF quantized
     weights are dequantized to float32).
+
+    Raises:
+        ValueError: the source is not a Llama this library runs, or (before
+            anything is written) model_parallel ranks cannot split its heads.
     """
     source = open_source(Path(src))
     logger.info("converting %s (%d tensors) into %d shard(s) at %s", src, len(source.tensor_names), model_parallel, dst)
@@ -85,20 +89,14 @@ def meta_tensor_names(n_layers: int) -> List[str]:
 def ffn_params(dim: int, hidden_dim: int) -> dict:
     """params.json keys (multiple_of, ffn_dim_multiplier) for which Meta's rule gives `hidden_dim`.
 
-    The rule (llama/model.py FeedForward): h = int(2 * 4 * dim / 3); h = int(m * h)
-    if a multiplier m is set; then round up to a multiple of `multiple_of`.
+    The rule is `llama.checkpoint.ffn_hidden_dim`'s (llama/model.py FeedForward).
     """
     base = int(2 * 4 * dim / 3)
-
-    def rule(multiple_of, multiplier):
-        h = base if multiplier is None else int(multiplier * base)
-        return multiple_of * ((h + multiple_of - 1) // multiple_of)
-
     for multiple_of in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
         if hidden_dim % multiple_of:
             continue
         for multiplier in (None, round(hidden_dim / base, 4), hidden_dim / base):
-            if rule(multiple_of, multiplier) == hidden_dim:
+            if ffn_hidden_dim(dim, multiple_of, multiplier) == hidden_dim:
                 return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
     raise ValueError(f"no multiple_of / ffn_dim_multiplier gives a feed-forward size {hidden_dim} for dim {dim}")
 

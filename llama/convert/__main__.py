@@ -38,18 +38,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.model_parallel < 1:
         raise SystemExit("--model-parallel must be >= 1")
     start = time.perf_counter()
-    if args.reshard:
-        if args.dtype:
-            raise SystemExit("--reshard copies tensors bit for bit; --dtype does not apply")
-        reshard(args.src, args.dst, args.model_parallel, progress=progress_bar("resharding"))
-    else:
-        dtype = choose_dtype(torch.device("cpu"), args.dtype) if args.dtype else None
-        convert(args.src, args.dst, args.model_parallel, dtype, progress=progress_bar("converting"))
+    try:
+        if args.reshard:
+            if args.dtype:
+                raise SystemExit("--reshard copies tensors bit for bit; --dtype does not apply")
+            reshard(args.src, args.dst, args.model_parallel, progress=progress_bar("resharding"))
+        else:
+            dtype = choose_dtype(torch.device("cpu"), args.dtype) if args.dtype else None
+            convert(args.src, args.dst, args.model_parallel, dtype, progress=progress_bar("converting"))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        parser.error(str(e))  # a wrong source, destination or shard count: status 2, no traceback
     print(f"wrote {args.dst} ({args.model_parallel} shard(s)) in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -86,6 +86,7 @@ class GGUFSource:
             "norm_eps": float(self._field("llama.attention.layer_norm_rms_epsilon")),
             "rope_theta": rope_theta,
             "use_scaled_rope": use_scaled_rope,
+            "max_position_embeddings": self._field("llama.context_length", None),  # the context it was trained for
         }
 
     def _check_llama31_rope_factors(self, head_dim: int, theta: float) -> None:

@@ -77,6 +77,7 @@ class HuggingFaceSource:
             "norm_eps": c.get("rms_norm_eps", 1e-6),
             "rope_theta": float(rope_theta),
             "use_scaled_rope": rope_type == "llama3",
+            "max_position_embeddings": c.get("max_position_embeddings"),  # the context it was trained for
         }
 
     def _weight_files(self) -> Dict[str, Path]:

@@ -53,7 +53,7 @@ def gptq_int8_rows(
     """The int8 codes q (N, K) of weight (N, K) ~= q * scales (N, 1), chosen with GPTQ's rounding.
 
     Args:
-        scales: (N,) one per row, as `quantize.quantize_int8_rows` sets them.
+        scales: (N,) one per row, as `llama.quantize.kernels.quantize_int8_rows` sets them.
         moment: H = Σ x xᵀ (K, K) of the layer's calibration inputs.
         damp: added to H's diagonal, as a fraction of its mean, to keep H invertible.
         block_size: columns rounded before the rest are updated in one matrix product.

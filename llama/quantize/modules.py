@@ -1,0 +1,318 @@
+"""Modules holding quantized weights, in place of fairscale's linears and embeddings.
+
+Each runs the same model-parallel communication as the layer it replaces
+around its own local matmul or lookup.
+"""
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from fairscale.nn.model_parallel.mappings import scatter_to_model_parallel_region
+from torch import nn
+
+from llama.parallel import all_gather_last_dim, all_reduce
+from llama.quantize.kernels import (
+    DEFAULT_GROUP_SIZE,
+    INT4_GROUP_SIZES,
+    dequantize_int4,
+    int8_matmul,
+    pack_nibbles,
+    quantize_int4_groups,
+    quantize_int8_rows,
+    unpack_nibbles,
+)
+
+logger = logging.getLogger(__name__)
+
+LLM_INT8_THRESHOLD = 6.0  # |x| above this makes an input column an outlier (the paper's value)
+
+
+def _has_aten(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+class QuantizedLinear(nn.Module):
+    """A fairscale Column/RowParallelLinear (no bias) with quantized weights.
+
+    The same model-parallel communication as fairscale's layers around a local
+    matmul that subclasses define in `local_forward`:
+        column-parallel: (B, T, K) -> local (B, T, N/ranks), gathered to (B, T, N) if gather_output;
+        row-parallel:    (B, T, K/ranks) -> local (B, T, N), summed over ranks.
+    in_features and out_features are this rank's (the local weight's) sizes.
+    """
+
+    def __init__(self, in_features: int, out_features: int, parallel: str,
+                 gather_output: bool = False, input_is_parallel: bool = True):
+        super().__init__()
+        if parallel not in ("column", "row"):
+            raise ValueError(f"parallel must be 'column' or 'row', got {parallel!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.parallel = parallel
+        self.gather_output = gather_output
+        self.input_is_parallel = input_is_parallel
+
+    @staticmethod
+    def layout_of(linear: nn.Module) -> dict:
+        """The constructor arguments that reproduce `linear`'s shape and parallelism."""
+        if getattr(linear, "bias", None) is not None:
+            raise ValueError("quantization supports bias-free linears only (Llama has no biases)")
+        out_features, in_features = linear.weight.shape  # local shard
+        if isinstance(linear, ColumnParallelLinear):
+            return dict(in_features=in_features, out_features=out_features, parallel="column",
+                        gather_output=linear.gather_output)
+        if isinstance(linear, RowParallelLinear):
+            return dict(in_features=in_features, out_features=out_features, parallel="row",
+                        input_is_parallel=linear.input_is_parallel)
+        raise TypeError(f"expected a fairscale Column/RowParallelLinear, got {type(linear).__name__}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel == "column":
+            # Quantized models only run forward, so the collectives are plain functions
+            # (llama.parallel) that torch.compile can trace, not fairscale's autograd ones.
+            out = self.local_forward(x)  # (B, T, N/ranks)
+            return all_gather_last_dim(out) if self.gather_output else out
+        if not self.input_is_parallel:
+            x = scatter_to_model_parallel_region(x)
+        return all_reduce(self.local_forward(x))  # (B, T, N)
+
+    def local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, parallel={self.parallel}"
+
+
+class Int8Linear(QuantizedLinear):
+    """Weight-only int8: weight (N, K) int8, scales (N,) bf16; W ~= weight * scales[:, None]."""
+
+    def __init__(self, in_features: int, out_features: int, parallel: str, device=None, **parallel_args):
+        super().__init__(in_features, out_features, parallel, **parallel_args)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, moment: Optional[torch.Tensor] = None) -> "Int8Linear":
+        """moment: H = Σ x xᵀ of calibration inputs, for GPTQ's rounding (`gptq.py`); None rounds to nearest."""
+        module = cls(**cls.layout_of(linear), device=linear.weight.device)
+        module.weight, module.scales = quantize_int8_rows(linear.weight.detach(), moment)
+        return module
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]  # (N, K)
+
+    def local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and _has_aten("_weight_int8pack_mm"):
+            # The CPU kernel streams int8 weights fast only for bf16 activations (~12x slower for fp32).
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(torch.bfloat16))
+            return out.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (B, T, N)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+
+class LLMInt8Linear(Int8Linear):
+    """LLM.int8(): the int8 weights of Int8Linear, with int8 activations too.
+
+    Input columns where any row has |x| > threshold (the few outlier features of
+    large models) are multiplied in fp32 against the dequantized weight columns;
+    the rest of x is quantized to int8 per row, multiplied with int32
+    accumulation and rescaled by both scales.
+    """
+
+    threshold = LLM_INT8_THRESHOLD
+
+    def local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).float()  # (M, K), M = B*T
+        outliers = (x2.abs() > self.threshold).any(dim=0)  # (K,)
+        regular = x2.masked_fill(outliers, 0.0)
+        x_scales = regular.abs().amax(dim=1, keepdim=True).clamp(min=1e-10) / 127  # (M, 1)
+        x_int8 = (regular / x_scales).round().to(torch.int8)  # (M, K)
+        out = int8_matmul(x_int8, self.weight).float() * x_scales * self.scales.float()  # (M, N)
+        if outliers.any():
+            cols = outliers.nonzero().squeeze(1)  # (n_outliers,)
+            w_cols = self.weight[:, cols].float() * self.scales.float()[:, None]  # (N, n_outliers)
+            out = out + x2[:, cols] @ w_cols.T
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(QuantizedLinear):
+    """Weight-only int4 in groups of `group_size` input columns.
+
+    Buffers: weight (N, K/2) uint8, two 4-bit codes a byte; scales_and_zeros
+    (K/group_size, N, 2) bf16; W[n, k] ~= (code - 8) * scale + zero.
+
+    On CPU (and N a multiple of 16) `weight` holds the kernel's own packing,
+    which depends on the CPU's vector width; `state_dict()` unpacks it to the
+    portable nibbles of `pack_nibbles`, and `load_state_dict` packs them again.
+    Elsewhere `weight` holds the portable nibbles and is dequantized per call.
+    Move an int4 model between devices by saving and loading its state dict.
+    """
+
+    def __init__(self, in_features: int, out_features: int, parallel: str, group_size: int = DEFAULT_GROUP_SIZE,
+                 device=None, **parallel_args):
+        super().__init__(in_features, out_features, parallel, **parallel_args)
+        if group_size not in INT4_GROUP_SIZES or in_features % group_size != 0:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES} dividing in_features "
+                             f"({in_features}), got {group_size}")
+        self.group_size = group_size
+        self.cpu_packed = False  # True: weight is in the CPU kernel's layout, not portable nibbles
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        n_groups = in_features // group_size
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(n_groups, out_features, 2, dtype=torch.bfloat16, device=device)
+        )
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> "Int4Linear":
+        module = cls(**cls.layout_of(linear), group_size=group_size, device=linear.weight.device)
+        module.weight, module.scales_and_zeros = quantize_int4_groups(linear.weight.detach(), group_size)
+        module._pack_for_cpu()
+        return module
+
+    def _pack_for_cpu(self) -> None:
+        """Converts portable nibbles to the CPU kernel's layout, where that kernel runs."""
+        if (self.cpu_packed or self.weight.device.type != "cpu" or self.out_features % 16 != 0
+                or not _has_aten("_weight_int4pack_mm_for_cpu")):
+            return
+        codes = unpack_nibbles(self.weight).to(torch.int32)  # (N, K)
+        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # (N, K/2) uint8
+        self.cpu_packed = True
+
+    def portable_weight(self) -> torch.Tensor:
+        """The (N, K/2) portable nibbles, whatever the in-memory layout."""
+        if not self.cpu_packed:
+            return self.weight
+        # The kernel itself unpacks: with scale 1 and zero 0 it maps the identity
+        # to (code - 8), small integers that bf16 holds exactly.
+        k = self.in_features
+        unit = torch.zeros_like(self.scales_and_zeros)
+        unit[..., 0] = 1
+        eye = torch.eye(k, dtype=torch.bfloat16)
+        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, unit)  # (K, N)
+        return pack_nibbles((codes.T + 8).to(torch.uint8))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4(self.portable_weight(), self.scales_and_zeros, self.group_size)  # (N, K) fp32
+
+    def local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_packed:
+            if x.device.type != "cpu":
+                raise RuntimeError("this Int4Linear is packed for the CPU kernel; load its state dict on the "
+                                   f"{x.device.type} device instead of moving the module")
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
+            sz = self.scales_and_zeros.to(torch.bfloat16)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
+            return out.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (B, T, N)
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.portable_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.cpu_packed = False  # the state dict holds portable nibbles
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "weight" in state_dict and self.weight.device.type != "meta":
+            self._pack_for_cpu()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}, cpu_packed={self.cpu_packed}"
+
+
+class Int8Embedding(nn.Module):
+    """fairscale's VocabParallelEmbedding or ParallelEmbedding with int8 rows.
+
+    weight (V_local, D_local) int8, scales (V_local,) in the model's dtype, which
+    the output takes; only the rows looked up are dequantized.
+    split "vocab": this rank holds token ids [vocab_start, vocab_end), others read 0, summed over ranks;
+    split "dim": this rank holds a slice of every row, gathered over ranks.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, split: str, vocab_start: int = 0,
+                 vocab_end: Optional[int] = None, dtype=torch.float32, device=None):
+        super().__init__()
+        self.split = split
+        self.vocab_start = vocab_start
+        self.vocab_end = num_embeddings if vocab_end is None else vocab_end
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=dtype, device=device))
+
+    @staticmethod
+    def layout_of(embedding: nn.Module) -> dict:
+        num_embeddings, embedding_dim = embedding.weight.shape  # local shard
+        if isinstance(embedding, VocabParallelEmbedding):
+            return dict(num_embeddings=num_embeddings, embedding_dim=embedding_dim, split="vocab",
+                        vocab_start=embedding.vocab_start_index, vocab_end=embedding.vocab_end_index)
+        if isinstance(embedding, ParallelEmbedding):
+            return dict(num_embeddings=num_embeddings, embedding_dim=embedding_dim, split="dim")
+        raise TypeError(f"expected a fairscale (Vocab)ParallelEmbedding, got {type(embedding).__name__}")
+
+    @classmethod
+    def from_float(cls, embedding: nn.Module) -> "Int8Embedding":
+        weight = embedding.weight.detach()
+        module = cls(**cls.layout_of(embedding), dtype=weight.dtype, device=weight.device)
+        q, scales = quantize_int8_rows(weight)
+        module.weight, module.scales = q, scales.to(weight.dtype)
+        return module
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].to(self.scales.dtype) * self.scales[ids][..., None]  # (B, T, D_local)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.split == "vocab":
+            outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)  # (B, T): another rank's ids
+            local = (tokens - self.vocab_start).masked_fill(outside, 0)
+            rows = self.lookup(local).masked_fill(outside[..., None], 0.0)
+            return all_reduce(rows)  # (B, T, D)
+        return all_gather_last_dim(self.lookup(tokens))  # (B, T, D)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, split={self.split}"
+
+
+class BitsAndBytesLinear(QuantizedLinear):
+    """LLM.int8() through bitsandbytes' `Linear8bitLt`, where it runs on the model's device.
+
+    Only `quantize_model` uses it (its state dict is bitsandbytes'); quantized
+    checkpoints always load as LLMInt8Linear.
+    """
+
+    def __init__(self, inner: nn.Module, **layout):
+        super().__init__(**layout)
+        self.inner = inner
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(torch.float16)).to(x.dtype)
+
+
+def _bitsandbytes_linear(linear: nn.Module) -> Optional[nn.Module]:
+    """A bitsandbytes Linear8bitLt copy of `linear`, or None if bitsandbytes is
+    missing or cannot run on the weight's device (tried on one input)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    weight = linear.weight.detach()
+    try:
+        inner = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=False,
+                                    has_fp16_weights=False, threshold=LLM_INT8_THRESHOLD)
+        inner.weight = bnb.nn.Int8Params(weight.to("cpu", torch.float16), requires_grad=False,
+                                         has_fp16_weights=False)
+        inner = inner.to(weight.device)  # quantizes on the way
+        inner(torch.zeros(1, weight.shape[1], dtype=torch.float16, device=weight.device))
+        return inner
+    except Exception as e:  # any failure: use our own implementation
+        logger.info("bitsandbytes cannot run LLM.int8() on %s (%s); using llama.quantize's", weight.device, e)
+        return None
+
