@@ -7,7 +7,7 @@ The API follows Meta's reference (`meta-llama/llama3`): `Llama.build` ->
 import logging
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -173,6 +173,7 @@ class Llama:
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
         bad_words: Optional[Sequence[Union[str, Sequence[int]]]] = None,
+        logit_bias: Optional[Dict[int, float]] = None,
         stop: Optional[Union[str, Sequence[str]]] = None,
         seed: Optional[int] = None,
         n: int = 1,
@@ -202,6 +203,8 @@ class Llama:
             bad_words: words never generated: token-id lists, or strings (banned as
                 tokenized alone and after a space); a single string is one word. A word
                 of several tokens is banned only where its other tokens were just generated.
+            logit_bias: {token id: bias in [-100, 100]} added to the model's logits before
+                every other control (OpenAI's; -100 in effect bans a token, 100 forces it).
             stop: strings that end a generation once the decoded text holds one (a single
                 string is one stop string); the token completing it is the last returned
                 (`text_completion` and `chat_completion` cut their text before the string).
@@ -227,7 +230,8 @@ class Llama:
             ValueError: an argument is out of its range (an `InvalidArgument` naming it).
         """
         controls = dict(top_k=top_k, min_p=min_p, min_gen_len=min_gen_len, repetition_penalty=repetition_penalty,
-                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, bad_words=bad_words)
+                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, bad_words=bad_words,
+                        logit_bias=logit_bias)
         if num_beams != 1:
             self._check_beams(n, num_beams)
             prompt_tokens = self._checked_prompts(prompt_tokens, max_gen_len, truncate, rows_per_prompt=0)

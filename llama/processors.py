@@ -2,8 +2,10 @@
 
 Each processor is a small pure function on fp32 logits (B, V) that returns new
 logits and leaves its input alone. `next_token` applies them in transformers'
-order (which has no presence/frequency penalties: they sit by the other penalty):
+order (which has no presence/frequency penalties: they sit by the other penalty),
+after OpenAI's logit_bias, which is added to the model's logits first:
 
+    0. add_logit_bias               a fixed bias per token id (OpenAI's logit_bias)
     1. repetition_penalty           tokens of the prompt and of the generation (CTRL)
     2. presence_frequency_penalty   tokens of the generation only (OpenAI)
     3. ban_bad_words                banned token sequences
@@ -26,7 +28,7 @@ Shapes: B rows, V vocabulary ids, t tokens generated so far, L prompt length.
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -49,6 +51,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # 0: off
     frequency_penalty: float = 0.0  # 0: off
     bad_words: Tuple[Tuple[int, ...], ...] = ()  # token-id sequences never generated
+    logit_bias: Tuple[Tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits
     stop_tokens: Tuple[int, ...] = ()  # for min_gen_len
 
     def __post_init__(self):
@@ -57,6 +60,11 @@ class SamplingParams:
             object.__setattr__(self, "bad_words", tuple(tuple(word) for word in self.bad_words))
         except TypeError as e:
             raise InvalidArgument("bad_words", f"bad_words must be a list of token-id lists: {e}") from e
+        try:
+            bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+            object.__setattr__(self, "logit_bias", tuple(sorted((token, bias) for token, bias in bias)))
+        except (TypeError, ValueError) as e:
+            raise InvalidArgument("logit_bias", f"logit_bias must map token ids to biases: {e}") from e
         try:
             object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))
         except TypeError as e:
@@ -68,11 +76,13 @@ class SamplingParams:
         cls, tokenizer, vocab_size: int, temperature: float = 0.6, top_p: float = 0.9, *, top_k: int = 0,
         min_p: float = 0.0, min_gen_len: int = 0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0, bad_words: Optional[Sequence[Union[str, Sequence[int]]]] = None,
+        logit_bias: Optional[Dict[int, float]] = None,
     ) -> "SamplingParams":
         """The validated controls from user options (`Llama.generate`'s keywords).
 
         bad_words: words never generated: token-id lists, or strings, banned as tokenized
         alone and after a space; a single string is one word.
+        logit_bias: {token id: bias in [-100, 100]} added to the model's logits (OpenAI's).
 
         Raises:
             InvalidArgument: a control is outside its range (`.name` says which).
@@ -95,8 +105,14 @@ class SamplingParams:
                 raise InvalidArgument(
                     "bad_words", f"bad_words: {word} holds token ids outside the vocabulary [0, {vocab_size})"
                 )
+        for token in (logit_bias or {}):
+            if not _is_int(token) or not 0 <= token < vocab_size:
+                raise InvalidArgument(
+                    "logit_bias", f"logit_bias: {token!r} is not a token id of the vocabulary [0, {vocab_size})"
+                )
         return cls(
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, min_gen_len=min_gen_len,
+            logit_bias=logit_bias or (), temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            min_gen_len=min_gen_len,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, bad_words=list(dict.fromkeys(map(tuple, words))),
             stop_tokens=tokenizer.stop_tokens,
@@ -129,6 +145,11 @@ class SamplingParams:
         for word in self.bad_words:
             if len(word) == 0 or not all(_is_int(t) and t >= 0 for t in word):
                 raise InvalidArgument("bad_words", f"bad_words must be non-empty lists of token ids >= 0, got {list(word)}")
+        for token, bias in self.logit_bias:
+            if not _is_int(token) or token < 0 or not _is_number(bias) or not -100 <= bias <= 100:
+                raise InvalidArgument(
+                    "logit_bias", f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {token!r}: {bias!r}"
+                )
         if not all(_is_int(t) and t >= 0 for t in self.stop_tokens):
             raise InvalidArgument("stop_tokens", f"stop_tokens must be token ids >= 0, got {list(self.stop_tokens)}")
         return self
@@ -164,6 +185,15 @@ def token_counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 # --- Processors: (B, V) logits -> (B, V) logits, in pipeline order ---------------------------------
+
+
+def add_logit_bias(logits: torch.Tensor, bias: Sequence[Tuple[int, float]]) -> torch.Tensor:
+    """Each (token id, bias) pair's bias added to that token's logit in every row."""
+    if not bias:
+        return logits
+    ids = torch.tensor([token for token, _ in bias], device=logits.device)
+    values = torch.tensor([value for _, value in bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(1, ids, values.expand(logits.shape[0], -1))
 
 
 def repetition_penalty(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -264,7 +294,8 @@ def sample_top_p(
 def apply_processors(
     logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams, prompt: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Steps 1-4 (penalties, bans, minimum length): those that also apply to greedy and beam search."""
+    """Steps 0-4 (bias, penalties, bans, minimum length): those that also apply to greedy and beam search."""
+    logits = add_logit_bias(logits, params.logit_bias)
     context = generated  # (B, t), or (B, L + t) with the prompt, for the processors that read it
     if prompt is not None and (params.repetition_penalty != 1.0 or params.bad_words):
         context = torch.cat([prompt, generated], dim=1)

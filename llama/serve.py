@@ -11,7 +11,7 @@ Endpoints:
     GET  /health                slots in use, queue length, counters
 
 Requests take OpenAI's fields (model, prompt / messages, max_tokens, temperature, top_p,
-stop, seed, logprobs, stream, stream_options, presence_penalty, frequency_penalty, n=1) and
+stop, seed, logprobs, stream, stream_options, presence_penalty, frequency_penalty, logit_bias, n=1) and
 the library's other controls under vLLM's names: top_k, min_p, min_tokens (`min_gen_len`),
 repetition_penalty, bad_words. Defaults are OpenAI's (temperature 1, top_p 1). Every error
 is OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, and never stops the
@@ -116,7 +116,7 @@ class GenerationRequest(BaseModel):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = None  # only 1
-    logit_bias: Optional[Dict[str, float]] = None  # only empty
+    logit_bias: Optional[Dict[str, float]] = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
     user: Optional[str] = None  # accepted, unused
 
 
@@ -345,8 +345,6 @@ class OpenAIServer:
         if body.n not in (None, 1):
             raise APIError(400, f"n must be 1 (got {body.n}): send separate requests, they are batched together",
                            param="n")
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
         return body
 
     def _completion_prompt(self, prompt) -> List[int]:
@@ -418,6 +416,7 @@ class OpenAIServer:
                 repetition_penalty=given(body.repetition_penalty, 1.0),
                 presence_penalty=given(body.presence_penalty, 0.0),
                 frequency_penalty=given(body.frequency_penalty, 0.0), bad_words=body.bad_words,
+                logit_bias=token_ids_of(body.logit_bias),
             )
         except InvalidArgument as e:
             param = {"min_gen_len": "min_tokens"}.get(e.name, e.name)
@@ -485,6 +484,14 @@ class OpenAIServer:
                            type="timeout_error", code="request_timeout")
         if finished.reason == "error":
             raise APIError(500, finished.message, type="server_error")
+
+
+def token_ids_of(logit_bias: Optional[Dict[str, float]]) -> Dict[int, float]:
+    """OpenAI's logit_bias, whose keys are token ids written as strings, with int keys; 400 for other keys."""
+    try:
+        return {int(token): bias for token, bias in (logit_bias or {}).items()}
+    except ValueError:
+        raise APIError(400, f"logit_bias keys must be token ids, got {list(logit_bias)}", param="logit_bias") from None
 
 
 async def events_of(queue: asyncio.Queue, job: Job) -> AsyncIterator[object]:

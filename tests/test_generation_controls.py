@@ -96,3 +96,16 @@ def test_chat_completion_with_options(generator):
     dialogs = [[{"role": "user", "content": "hi"}]]
     results = generator.chat_completion(dialogs, max_gen_len=4, n=2, top_k=5, seed=0)
     assert len(results) == 2
+
+
+def test_logit_bias_forces_and_bans_tokens(generator):
+    options = dict(max_gen_len=5, temperature=0)
+    (free,), _ = generator.generate([PROMPT], **options)
+    (forced,), _ = generator.generate([PROMPT], logit_bias={42: 100}, **options)
+    assert forced == [42] * 5
+    (banned,), _ = generator.generate([PROMPT], logit_bias={free[0]: -100}, **options)
+    assert banned[0] != free[0]
+    sampled = generator.generate([PROMPT], logit_bias={42: 100}, max_gen_len=5, temperature=1.0, seed=0)[0][0]
+    assert sampled == [42] * 5
+    with pytest.raises(ValueError, match="not a token id of the vocabulary"):
+        generator.generate([PROMPT], logit_bias={128256: 1.0}, **options)

@@ -9,6 +9,7 @@ from llama.checkpoint import _skip_fairscale_init
 from llama.model import ModelArgs, Transformer
 from llama.processors import (
     SamplingParams,
+    add_logit_bias,
     ban_bad_words,
     min_new_tokens,
     min_p_mask,
@@ -167,11 +168,27 @@ def test_generation_sample_top_p_is_this_sampler():
         ({"bad_words": [[1, -2]]}, r"bad_words must be non-empty lists of token ids"),
         ({"bad_words": [5]}, r"bad_words must be a list of token-id lists"),
         ({"stop_tokens": [-1]}, r"stop_tokens must be token ids"),
+        ({"logit_bias": {3: 101}}, r"logit_bias must map token ids >= 0 to biases in \[-100, 100\]"),
+        ({"logit_bias": {-1: 1.0}}, r"logit_bias must map token ids >= 0"),
+        ({"logit_bias": [5]}, r"logit_bias must map token ids to biases"),
     ],
 )
 def test_validation_names_the_argument_and_its_range(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_logit_bias_adds_what_transformers_sequence_bias_adds():
+    """OpenAI's logit_bias against an independent implementation: transformers' SequenceBiasLogitsProcessor
+    with one-token sequences."""
+    transformers = pytest.importorskip("transformers")
+    bias = {3: 2.5, 7: -100.0, 0: 0.75}
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    reference = transformers.SequenceBiasLogitsProcessor({(token,): value for token, value in bias.items()})
+    expected = reference(torch.zeros(3, 1, dtype=torch.long), logits.clone())
+    got = add_logit_bias(logits, SamplingParams(logit_bias=bias).logit_bias)
+    torch.testing.assert_close(got, expected)
+    assert add_logit_bias(logits, ()) is logits  # off: the input itself
 
 
 def test_params_are_frozen_and_hashable():

@@ -228,6 +228,17 @@ def test_penalties_and_min_tokens_match_library(client, reference):
     assert response.usage.completion_tokens == 8
 
 
+def test_logit_bias_matches_library(client, reference):
+    bias = {"42": 100, "1820": -100}
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=4, temperature=0, logit_bias=bias)
+    expected = greedy(reference, PROMPTS[3], 4, logit_bias={42: 100, 1820: -100})
+    assert response.choices[0].text == expected == reference.tokenizer.decode([42] * 4)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=MODEL, prompt="Hi", logit_bias={"the": 1})
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=MODEL, prompt="Hi", logit_bias={"42": 300})
+
+
 def test_stop_string_cuts_like_the_library(client, reference):
     full = greedy(reference, PROMPTS[5], 16)
     stop = full[len(full) // 2: len(full) // 2 + 2]

@@ -25,7 +25,8 @@ Group = Tuple[Request, List[int]]
 def needs_only_argmax(params: SamplingParams, generated: int) -> bool:
     """Greedy with every processor off (min_gen_len no longer applying after `generated` tokens)."""
     return (params.temperature == 0 and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
-            and params.frequency_penalty == 0.0 and not params.bad_words and generated >= params.min_gen_len)
+            and params.frequency_penalty == 0.0 and not params.bad_words and not params.logit_bias
+            and generated >= params.min_gen_len)
 
 
 def rows_index(rows: Sequence[int]):
