@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 
 from llama.distributed import available_memory
-from llama.model import KVCache, ModelArgs, Transformer
+from llama.model import KVCache, ModelArgs, Transformer, ffn_hidden_dim
 
 logger = logging.getLogger(__name__)
 
@@ -125,15 +125,6 @@ def shard_dim(name: str, embedding_split: str = "vocab") -> Optional[int]:
         if name == suffix or name.endswith("." + suffix):
             return dim
     return None
-
-
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
-    """The SwiGLU width of Meta's rule (llama/model.py FeedForward): 2/3 of 4 * dim, times the
-    multiplier if there is one, rounded up to a multiple of `multiple_of`."""
-    hidden_dim = int(2 * 4 * dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
 
 
 def check_shard_count(params: dict, n_shards: int, embedding_split: str = "vocab") -> None:

@@ -252,14 +252,19 @@ def decode_attention(
     return (probs @ values).view(bsz, n_heads, 1, head_dim)  # (B, Hkv, H/Hkv, hd) -> (B, H, 1, hd)
 
 
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """The SwiGLU width, by the reference rule: 2/3 of 4 * dim, times the multiplier if there
+    is one, rounded up to a multiple of `multiple_of`."""
+    hidden_dim = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
+    def __init__(self, dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
         super().__init__()
-        # The reference rule: 2/3 of 4*dim, scaled, rounded up to a multiple of `multiple_of`.
-        hidden_dim = int(2 * hidden_dim / 3)
-        if ffn_dim_multiplier is not None:
-            hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-        hidden_dim = multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+        hidden_dim = ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier)
 
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
@@ -274,7 +279,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+        self.feed_forward = FeedForward(args.dim, args.multiple_of, args.ffn_dim_multiplier)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 

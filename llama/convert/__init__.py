@@ -15,7 +15,8 @@ from typing import Callable, Iterable, List, Optional, Protocol
 
 import torch
 
-from llama.checkpoint import ffn_hidden_dim, write_checkpoint
+from llama.checkpoint import write_checkpoint
+from llama.model import ffn_hidden_dim
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def meta_tensor_names(n_layers: int) -> List[str]:
 def ffn_params(dim: int, hidden_dim: int) -> dict:
     """params.json keys (multiple_of, ffn_dim_multiplier) for which Meta's rule gives `hidden_dim`.
 
-    The rule is `llama.checkpoint.ffn_hidden_dim`'s (llama/model.py FeedForward).
+    The rule is `llama.model.ffn_hidden_dim`'s (the width of FeedForward).
     """
     base = int(2 * 4 * dim / 3)
     for multiple_of in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
