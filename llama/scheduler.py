@@ -53,10 +53,13 @@ class TokenLogprob:
 
 @dataclass
 class Delta:
-    """New text of a job (may be "" when only logprobs arrive), and the tokens that made it final."""
+    """New text of one of a job's choices (may be "" when only logprobs arrive), the tokens that made
+    it final, and on the choice's last delta why it ended ("stop" or "length")."""
 
     text: str
     logprobs: List[TokenLogprob]
+    index: int = 0  # which of the job's n choices
+    finish_reason: Optional[str] = None
 
 
 @dataclass
@@ -64,7 +67,8 @@ class Finished:
     """The last event of a job.
 
     reason: "stop" (a stop token or stop string), "length" (max_tokens or the
-    context is full), "timeout", "cancelled" (its owner left) or "error".
+    context is full) — of the choice that ended last —, "timeout", "cancelled"
+    (its owner left) or "error". completion_tokens: of every choice.
     """
 
     reason: str
@@ -100,6 +104,7 @@ class Job:
         logprobs: report each token's log-probability ...
         top_logprobs: ... and this many most likely alternatives.
         timeout: seconds from submission after which it ends with reason "timeout".
+        n: choices: sampled continuations of the prompt, drawn together from the job's generator.
     """
 
     def __init__(
@@ -114,6 +119,7 @@ class Job:
         logprobs: bool = False,
         top_logprobs: int = 0,
         timeout: Optional[float] = None,
+        n: int = 1,
     ):
         self.id = next(_ids)
         self.prompt_tokens = list(prompt_tokens)
@@ -125,9 +131,11 @@ class Job:
         self.logprobs = logprobs or top_logprobs > 0
         self.top_logprobs = top_logprobs
         self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.n = n
 
         self.request: Optional[Request] = None  # the engine's, once the scheduler thread has taken the job
-        self.unsent: List[TokenLogprob] = []  # logprobs of tokens whose text is still held back
+        self.unsent: List[List[TokenLogprob]] = [[] for _ in range(n)]  # per choice: logprobs of held-back text
+        self.open = set(range(n))  # the choices still generating
         self.done = False
         self.cancelled = False
 
@@ -262,21 +270,26 @@ class Scheduler:
                 generator.seed()
             else:
                 generator.manual_seed(job.seed)
-            job.request = self.engine.request([job.prompt_tokens], job.params, job.max_new_tokens, generator=generator,
+            job.request = self.engine.request([job.prompt_tokens] * job.n, job.params, job.max_new_tokens,
+                                              generator=generator,
                                               stop=job.stop, text=True, logprobs=job.logprobs,
                                               top_logprobs=job.top_logprobs)
             self.jobs[job.request.id] = job
             self.engine.add(job.request)
 
     def _deliver(self, job: Job, output: TokenOutput) -> None:
-        """Sends the text a new token made final (with the logprobs held back until then); ends the job if it ended."""
+        """Sends the text a new token made final (with the logprobs held back until then);
+        ends the choice if it ended, and the job with its last choice."""
+        index = job.request.sequences.index(output.sequence)
         if job.logprobs and output.token not in output.sequence.stop.stop_tokens:
-            job.unsent.append(self._logprob(output))
-        if output.text:
-            self._send(job, Delta(output.text, job.unsent))
-            job.unsent = []
+            job.unsent[index].append(self._logprob(output))
+        if output.text or output.finish_reason is not None:
+            self._send(job, Delta(output.text, job.unsent[index], index, output.finish_reason))
+            job.unsent[index] = []
         if output.finish_reason is not None:
-            self._finish(job, output.finish_reason)
+            job.open.discard(index)
+            if not job.open:
+                self._finish(job, output.finish_reason)
 
     def _logprob(self, output: TokenOutput) -> TokenLogprob:
         decode = self.tokenizer.decode
@@ -291,9 +304,10 @@ class Scheduler:
         if job.request is not None:
             self.jobs.pop(job.request.id, None)
             self.engine.abort(job.request)  # nothing to do if it ended by itself
-        if job.unsent:
-            self._send(job, Delta("", job.unsent))
-        completion_tokens = job.request.sequences[0].stop.num_tokens if job.request is not None else 0
+        for index, unsent in enumerate(job.unsent):
+            if unsent:
+                self._send(job, Delta("", unsent, index))
+        completion_tokens = sum(seq.stop.num_tokens for seq in job.request.sequences) if job.request else 0
         self._send(job, Finished(reason, len(job.prompt_tokens), completion_tokens, message))
         self.finished[f"finished_{reason}"] += 1
         logger.debug("request %d finished (%s) after %d tokens", job.id, reason, completion_tokens)

@@ -11,7 +11,7 @@ Endpoints:
     GET  /health                slots in use, queue length, counters
 
 Requests take OpenAI's fields (model, prompt / messages, max_tokens, temperature, top_p,
-stop, seed, logprobs, stream, stream_options, presence_penalty, frequency_penalty, logit_bias, n=1) and
+stop, seed, logprobs, stream, stream_options, presence_penalty, frequency_penalty, logit_bias, n) and
 the library's other controls under vLLM's names: top_k, min_p, min_tokens (`min_gen_len`),
 repetition_penalty, bad_words. Defaults are OpenAI's (temperature 1, top_p 1). Every error
 is OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, and never stops the
@@ -31,6 +31,7 @@ import logging
 import signal
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Dict, List, Optional, Union
 from typing import Sequence as SequenceType
 
@@ -115,7 +116,7 @@ class GenerationRequest(BaseModel):
     seed: Optional[int] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = None  # only 1
+    n: Optional[int] = None  # choices: 1 to --max-batch-size
     logit_bias: Optional[Dict[str, float]] = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
     user: Optional[str] = None  # accepted, unused
 
@@ -175,37 +176,37 @@ class TextCompletionFormat:
 
     object = "text_completion"
 
-    def __init__(self, model: str, echo: str = "", top_logprobs: Optional[int] = None):
+    def __init__(self, model: str, echo: str = "", top_logprobs: Optional[int] = None, n: int = 1):
         self.id, self.created, self.model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), model
-        self.echo, self.top_logprobs = echo, top_logprobs
-        self.offset = len(echo)  # characters before the next token, for logprobs' text_offset
+        self.echo, self.top_logprobs, self.n = echo, top_logprobs, n
+        self.offsets = [len(echo)] * n  # per choice: characters before its next token, for text_offset
 
     def _body(self, choices: List[dict], **extra) -> dict:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
     def opening_chunks(self) -> List[dict]:
-        return [self.chunk(self.echo, [], None)] if self.echo else []
+        return [self.chunk(i, self.echo, [], None) for i in range(self.n)] if self.echo else []
 
-    def chunk(self, text: str, logprobs: List[TokenLogprob], finish_reason: Optional[str]) -> dict:
-        choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+    def chunk(self, index: int, text: str, logprobs: List[TokenLogprob], finish_reason: Optional[str]) -> dict:
+        choice = {"index": index, "text": text, "logprobs": self._logprobs(index, logprobs),
+                  "finish_reason": finish_reason}
         return self._body([choice])
 
-    def response(self, text: str, logprobs: List[TokenLogprob], finished: Finished) -> dict:
-        choice = {"index": 0, "text": self.echo + text, "logprobs": self._logprobs(logprobs),
-                  "finish_reason": finished.reason}
-        return self._body([choice], usage=usage(finished))
+    def response(self, choices: List["Choice"], finished: Finished) -> dict:
+        return self._body([{"index": i, "text": self.echo + c.text, "logprobs": self._logprobs(i, c.logprobs),
+                            "finish_reason": c.finish_reason} for i, c in enumerate(choices)], usage=usage(finished))
 
     def usage_chunk(self, finished: Finished) -> dict:
         return self._body([], usage=usage(finished))
 
-    def _logprobs(self, entries: List[TokenLogprob]) -> Optional[dict]:
+    def _logprobs(self, index: int, entries: List[TokenLogprob]) -> Optional[dict]:
         if self.top_logprobs is None:
             return None
         offsets = []
         for entry in entries:
-            offsets.append(self.offset)
-            self.offset += len(entry.text)
+            offsets.append(self.offsets[index])
+            self.offsets[index] += len(entry.text)
         return {
             "tokens": [e.text for e in entries],
             "token_logprobs": [e.logprob for e in entries],
@@ -219,27 +220,28 @@ class ChatCompletionFormat:
 
     object = "chat.completion"
 
-    def __init__(self, model: str, logprobs: bool = False):
+    def __init__(self, model: str, logprobs: bool = False, n: int = 1):
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
-        self.logprobs = logprobs
+        self.logprobs, self.n = logprobs, n
 
     def _body(self, object: str, choices: List[dict], **extra) -> dict:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
     def opening_chunks(self) -> List[dict]:
-        first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return [self._body("chat.completion.chunk", [first])]
+        return [self._body("chat.completion.chunk", [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                       "logprobs": None, "finish_reason": None}])
+                for i in range(self.n)]
 
-    def chunk(self, text: str, logprobs: List[TokenLogprob], finish_reason: Optional[str]) -> dict:
+    def chunk(self, index: int, text: str, logprobs: List[TokenLogprob], finish_reason: Optional[str]) -> dict:
         delta = {"content": text} if finish_reason is None else {}
-        choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+        choice = {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
         return self._body("chat.completion.chunk", [choice])
 
-    def response(self, text: str, logprobs: List[TokenLogprob], finished: Finished) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": self._logprobs(logprobs), "finish_reason": finished.reason}
-        return self._body("chat.completion", [choice], usage=usage(finished))
+    def response(self, choices: List["Choice"], finished: Finished) -> dict:
+        return self._body("chat.completion", [
+            {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": self._logprobs(c.logprobs),
+             "finish_reason": c.finish_reason} for i, c in enumerate(choices)], usage=usage(finished))
 
     def usage_chunk(self, finished: Finished) -> dict:
         return self._body("chat.completion.chunk", [], usage=usage(finished))
@@ -253,6 +255,15 @@ class ChatCompletionFormat:
 
         content = [{**item(e.text, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
         return {"content": content, "refusal": None}
+
+
+@dataclass
+class Choice:
+    """One choice of a whole (not streamed) response, gathered from its deltas."""
+
+    text: str = ""
+    logprobs: List[TokenLogprob] = field(default_factory=list)
+    finish_reason: Optional[str] = None
 
 
 def usage(finished: Finished) -> dict:
@@ -301,12 +312,12 @@ class OpenAIServer:
             raise APIError(400, "echo with logprobs (the prompt's logprobs) is not supported", param="echo")
         prompt_tokens = self._completion_prompt(body.prompt)
         top = body.logprobs
-        job = self._sequence(body, prompt_tokens, body.max_tokens, default_max_tokens=16,
+        job = self._job(body, prompt_tokens, body.max_tokens, default_max_tokens=16,
                              logprobs=top is not None, top_logprobs=top or 0)
         echo = ""
         if body.echo:
             echo = body.prompt if isinstance(body.prompt, str) else self.tokenizer.decode(prompt_tokens)
-        fmt = TextCompletionFormat(self.model_name, echo, top)
+        fmt = TextCompletionFormat(self.model_name, echo, top, job.n)
         return await self._respond(request, job, self._submit(job), fmt, body)
 
     async def chat_completions(self, request: Request):
@@ -315,13 +326,15 @@ class OpenAIServer:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         prompt_tokens, refusal = self._chat_prompt(body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        job = self._sequence(body, prompt_tokens, max_tokens, default_max_tokens=None,
+        job = self._job(body, prompt_tokens, max_tokens, default_max_tokens=None,
                              logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0)
         if refusal is None:
             events = self._submit(job)
         else:  # the chat format refuses this dialog: its refusal is the whole answer, as in chat_completion
-            events = replay([Delta(refusal, []), Finished("stop", len(prompt_tokens), 0)])
-        return await self._respond(request, job, events, ChatCompletionFormat(self.model_name, body.logprobs), body)
+            refusals = [Delta(refusal, [], i, "stop") for i in range(job.n)]
+            events = replay([*refusals, Finished("stop", len(prompt_tokens), 0)])
+        fmt = ChatCompletionFormat(self.model_name, body.logprobs, job.n)
+        return await self._respond(request, job, events, fmt, body)
 
     async def models(self):
         model = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llama",
@@ -342,9 +355,10 @@ class OpenAIServer:
         if body.model is not None and body.model != self.model_name:
             raise APIError(404, f"the model `{body.model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
-        if body.n not in (None, 1):
-            raise APIError(400, f"n must be 1 (got {body.n}): send separate requests, they are batched together",
-                           param="n")
+        max_batch_size = self.scheduler.max_batch_size
+        if body.n is not None and not 1 <= body.n <= max_batch_size:
+            raise APIError(400, f"n must be in [1, {max_batch_size}] (each choice is a row of the batch; the server "
+                                f"was started with --max-batch-size {max_batch_size}), got {body.n}", param="n")
         return body
 
     def _completion_prompt(self, prompt) -> List[int]:
@@ -384,14 +398,14 @@ class OpenAIServer:
         refuse = getattr(self.llama.formatter, "refusal", None)  # only formats with forgeable tags have one
         return tokens, (refuse(dialog) if refuse else None)
 
-    def _sequence(self, body: GenerationRequest, prompt_tokens: List[int], max_tokens: Optional[int], *,
+    def _job(self, body: GenerationRequest, prompt_tokens: List[int], max_tokens: Optional[int], *,
                   default_max_tokens: Optional[int], logprobs: bool, top_logprobs: int) -> Job:
-        """A scheduler sequence for the request; 400 when it cannot fit the context or a control is out of range."""
+        """A scheduler job for the request; 400 when it cannot fit the context or a control is out of range."""
         room = self.max_seq_len - len(prompt_tokens)
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {self.max_seq_len} tokens and the prompt "
                                 f"has {len(prompt_tokens)}: shorten it (or start the server with a larger "
-                                f"--max-job-len)", param="messages" if isinstance(body, ChatRequest) else "prompt",
+                                f"--max-seq-len)", param="messages" if isinstance(body, ChatRequest) else "prompt",
                            code="context_length_exceeded")
         if max_tokens is None:
             max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
@@ -401,7 +415,7 @@ class OpenAIServer:
                                 f"{room}", param="max_tokens", code="context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return Job(prompt_tokens, max_tokens, self._sampling_params(body), stop=stop, seed=body.seed,
-                        logprobs=logprobs, top_logprobs=top_logprobs, timeout=self.request_timeout)
+                   logprobs=logprobs, top_logprobs=top_logprobs, timeout=self.request_timeout, n=body.n or 1)
 
     def _sampling_params(self, body: GenerationRequest):
         """The library's validated controls; their own errors become the 400's, naming the field."""
@@ -447,18 +461,20 @@ class OpenAIServer:
     async def _collect(self, request: Request, job: Job, events: AsyncIterator[object], fmt) -> dict:
         """The whole response; a client that disconnects meanwhile cancels the sequence."""
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
-        texts, logprobs = [], []
+        choices = [Choice() for _ in range(job.n)]
         try:
             async for event in events:
                 if isinstance(event, Delta):
-                    texts.append(event.text)
-                    logprobs.extend(event.logprobs)
+                    choice = choices[event.index]
+                    choice.text += event.text
+                    choice.logprobs.extend(event.logprobs)
+                    choice.finish_reason = event.finish_reason or choice.finish_reason
                 else:
                     finished = event
         finally:
             watcher.cancel()
         self._raise_failure(finished)
-        return fmt.response("".join(texts), logprobs, finished)
+        return fmt.response(choices, finished)
 
     async def _stream(self, events: AsyncIterator[object], fmt, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: OpenAI's chunks, then `data: [DONE]`. Starlette cancels it when the client leaves."""
@@ -466,14 +482,16 @@ class OpenAIServer:
             yield sse(chunk)
         async for event in events:
             if isinstance(event, Delta):
-                yield sse(fmt.chunk(event.text, event.logprobs, None))
+                if event.text or event.logprobs:
+                    yield sse(fmt.chunk(event.index, event.text, event.logprobs, None))
+                if event.finish_reason is not None:
+                    yield sse(fmt.chunk(event.index, "", [], event.finish_reason))
                 continue
             try:
                 self._raise_failure(event)
             except APIError as e:  # the status line is sent already: the error is an event
                 yield sse(e.body())
                 break
-            yield sse(fmt.chunk("", [], event.reason))
             if include_usage:
                 yield sse(fmt.usage_chunk(event))
         yield sse("[DONE]")

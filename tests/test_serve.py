@@ -239,6 +239,33 @@ def test_logit_bias_matches_library(client, reference):
         client.completions.create(model=MODEL, prompt="Hi", logit_bias={"42": 300})
 
 
+def test_n_choices_are_the_librarys_n_continuations(client, tiny_checkpoints, llama3_tokenizer_path):
+    """n sampled choices, drawn together from the request's seeded generator, as `generate(n=...)` draws them."""
+    reference = build(tiny_checkpoints, llama3_tokenizer_path, max_batch_size=3)
+    options = dict(temperature=1.0, top_p=1.0, max_gen_len=6, seed=11, n=3)  # top_p 1: OpenAI's default
+    expected = [c["generation"] for c in reference.text_completion([PROMPTS[4]], **options)]
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=6, temperature=1.0, seed=11, n=3)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert [c.text for c in response.choices] == expected and len(set(expected)) > 1
+    tokens = sum(len(reference.tokenizer.encode(t, bos=False, eos=False)) for t in expected)
+    assert response.usage.completion_tokens >= min(tokens, 3 * 6) // 2  # every choice counted
+
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=6, temperature=1.0, seed=11, n=3,
+                                       stream=True)
+    streamed, finished = ["", "", ""], [None, None, None]
+    for chunk in stream:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+            finished[choice.index] = choice.finish_reason or finished[choice.index]
+    assert streamed == expected and all(reason in ("stop", "length") for reason in finished)
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPTS[4]}],
+                                          max_tokens=6, temperature=1.0, seed=11, n=2)
+    dialog = [{"role": "user", "content": PROMPTS[4]}]
+    expected = [c["generation"]["content"] for c in reference.chat_completion([dialog], **{**options, "n": 2})]
+    assert [c.message.content for c in chat.choices] == expected
+
+
 def test_stop_string_cuts_like_the_library(client, reference):
     full = greedy(reference, PROMPTS[5], 16)
     stop = full[len(full) // 2: len(full) // 2 + 2]
@@ -370,7 +397,8 @@ LONG_PROMPT = "word " * (2 * MAX_SEQ_LEN)
     ({"prompt": "Hi", "presence_penalty": 3}, 400, "presence_penalty"),
     ({"prompt": "Hi", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "Hi", "max_tokens": "many"}, 400, "max_tokens"),
-    ({"prompt": "Hi", "n": 2}, 400, "n"),
+    ({"prompt": "Hi", "n": 9}, 400, "n"),  # more choices than rows (8)
+    ({"prompt": "Hi", "n": 0}, 400, "n"),
     ({"prompt": ["Hi", "Ho"]}, 400, "prompt"),
     ({"prompt": [1, 2, 10**9]}, 400, "prompt"),
     ({"prompt": "Hi", "frobnicate": True}, 400, "frobnicate"),
