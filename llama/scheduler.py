@@ -130,12 +130,15 @@ class Job:
         self.seed = seed
         self.logprobs = logprobs or top_logprobs > 0
         self.top_logprobs = top_logprobs
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.submitted = time.monotonic()
+        self.deadline = None if timeout is None else self.submitted + timeout
         self.n = n
 
         self.request: Optional[Request] = None  # the engine's, once the scheduler thread has taken the job
         self.unsent: List[List[TokenLogprob]] = [[] for _ in range(n)]  # per choice: logprobs of held-back text
         self.open = set(range(n))  # the choices still generating
+        self.first_token_at: Optional[float] = None
+        self.last_token_at: List[Optional[float]] = [None] * n  # per choice, for the time between tokens
         self.done = False
         self.cancelled = False
 
@@ -156,9 +159,10 @@ class Scheduler:
     Args:
         engine: the decoding engine (`Llama.engine`); the scheduler thread is its only user while it runs.
         queue_size: most jobs waiting for a slot; `submit` raises `QueueFull` beyond it.
+        metrics: told of every token and ending (`llama.metrics.ServerMetrics`), if given.
     """
 
-    def __init__(self, engine: Engine, *, queue_size: int = 64):
+    def __init__(self, engine: Engine, *, queue_size: int = 64, metrics=None):
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
         self.engine = engine
@@ -167,6 +171,7 @@ class Scheduler:
         self.max_batch_size = engine.max_batch_size
         self.max_seq_len = engine.max_seq_len
         self.queue_size = queue_size
+        self.metrics = metrics
 
         self.inbox: Deque[Job] = collections.deque()  # submitted, not yet taken by the thread; guarded by _lock
         self.jobs: Dict[int, Job] = {}  # taken by the thread (waiting in the engine or running), by request id
@@ -215,6 +220,8 @@ class Scheduler:
             free_slots = self.max_batch_size - len(self.engine.running)
             if self._waiting() >= self.queue_size + max(free_slots, 0):
                 self.finished["rejected"] += 1
+                if self.metrics is not None:
+                    self.metrics.requests.labels(reason="rejected").inc()
                 raise QueueFull(f"{len(self.engine.running)} requests running and {self._waiting()} waiting")
             self.inbox.append(job)
         self._wakeup.set()
@@ -228,6 +235,11 @@ class Scheduler:
             "queue_size": self.queue_size,
             **dict(self.stats),
         }
+
+    def snapshot(self) -> dict:
+        """The gauges of /metrics: requests waiting and running, rows in use, KV-cache positions held."""
+        return {"waiting": self._waiting(), "running": len(self.engine.requests),
+                "sequences": len(self.engine.running), "kv_cache_usage": self.engine.cache_usage}
 
     def _waiting(self) -> int:
         return len(self.inbox) + len(self.engine.waiting)
@@ -276,12 +288,17 @@ class Scheduler:
                                               top_logprobs=job.top_logprobs)
             self.jobs[job.request.id] = job
             self.engine.add(job.request)
+            if self.metrics is not None:
+                self.metrics.prompt_tokens.inc(len(job.prompt_tokens))
 
     def _deliver(self, job: Job, output: TokenOutput) -> None:
         """Sends the text a new token made final (with the logprobs held back until then);
         ends the choice if it ended, and the job with its last choice."""
         index = job.request.sequences.index(output.sequence)
-        if job.logprobs and output.token not in output.sequence.stop.stop_tokens:
+        generated = output.token not in output.sequence.stop.stop_tokens
+        if generated:
+            self._time_token(job, index)
+        if job.logprobs and generated:
             job.unsent[index].append(self._logprob(output))
         if output.text or output.finish_reason is not None:
             self._send(job, Delta(output.text, job.unsent[index], index, output.finish_reason))
@@ -290,6 +307,18 @@ class Scheduler:
             job.open.discard(index)
             if not job.open:
                 self._finish(job, output.finish_reason)
+
+    def _time_token(self, job: Job, index: int) -> None:
+        """Time to first token and between tokens, for the metrics."""
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc()
+            if job.first_token_at is None:
+                self.metrics.ttft.observe(now - job.submitted)
+            elif job.last_token_at[index] is not None:
+                self.metrics.tpot.observe(now - job.last_token_at[index])
+        job.first_token_at = job.first_token_at or now
+        job.last_token_at[index] = now
 
     def _logprob(self, output: TokenOutput) -> TokenLogprob:
         decode = self.tokenizer.decode
@@ -310,6 +339,9 @@ class Scheduler:
         completion_tokens = sum(seq.stop.num_tokens for seq in job.request.sequences) if job.request else 0
         self._send(job, Finished(reason, len(job.prompt_tokens), completion_tokens, message))
         self.finished[f"finished_{reason}"] += 1
+        if self.metrics is not None:
+            self.metrics.requests.labels(reason=reason).inc()
+            self.metrics.e2e.observe(time.monotonic() - job.submitted)
         logger.debug("request %d finished (%s) after %d tokens", job.id, reason, completion_tokens)
 
     def _send(self, job: Job, event: Event) -> None:

@@ -9,6 +9,7 @@ Endpoints:
     POST /v1/chat/completions   the assistant's next message, likewise
     GET  /v1/models             the one model served
     GET  /health                slots in use, queue length, counters
+    GET  /metrics               Prometheus metrics: requests, latencies, queue, KV-cache use (`llama.metrics`)
 
 Requests take OpenAI's fields (model, prompt / messages, max_tokens, temperature, top_p,
 stop, seed, logprobs, stream, stream_options, presence_penalty, frequency_penalty, logit_bias, n) and
@@ -40,17 +41,19 @@ import fairscale.nn.model_parallel.initialize as fs_init
 try:
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from prometheus_client import CONTENT_TYPE_LATEST
     from pydantic import BaseModel, ConfigDict, Field, ValidationError
     from starlette.exceptions import HTTPException
 except ImportError as e:  # an optional feature: say how to get it
-    raise ImportError(f"llama.serve needs FastAPI and uvicorn ({e}): pip install 'llama[serve]'") from e
+    raise ImportError(f"llama.serve needs FastAPI, uvicorn and prometheus_client ({e}): pip install 'llama[serve]'") from e
 
 from llama.default_model import DEFAULT_MODEL_NAME
 from llama.distributed import get_rank
 from llama.generation import Llama
 from llama.options import add_model_options, build_llama, check_model_options
 from llama.errors import InvalidArgument
+from llama.metrics import ServerMetrics
 from llama.scheduler import Delta, Finished, Job, QueueFull, Scheduler, TokenLogprob
 
 logger = logging.getLogger("llama.serve")  # the same name under `python -m`
@@ -543,7 +546,8 @@ def create_app(llama: Llama, *, model_name: str, queue_size: int = 64, request_t
     (`app.state.scheduler`). Under torchrun, create it on rank 0 only: its engine leads the other
     ranks, which run `llama.engine.runner.follow()`."""
     llama.engine.runner.lead()
-    scheduler = Scheduler(llama.engine, queue_size=queue_size)
+    metrics = ServerMetrics(lambda: scheduler.snapshot())
+    scheduler = Scheduler(llama.engine, queue_size=queue_size, metrics=metrics)
     server = OpenAIServer(llama, scheduler, model_name=model_name, request_timeout=request_timeout or None,
                           max_body_bytes=max_body_bytes)
 
@@ -570,6 +574,7 @@ def create_app(llama: Llama, *, model_name: str, queue_size: int = 64, request_t
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", lambda: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST), methods=["GET"])
     return app
 
 

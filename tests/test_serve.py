@@ -266,6 +266,51 @@ def test_n_choices_are_the_librarys_n_continuations(client, tiny_checkpoints, ll
     assert [c.message.content for c in chat.choices] == expected
 
 
+def scrape(app) -> dict:
+    """/metrics as {(name, labels): value}, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(app.url + "/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def test_metrics_count_requests_tokens_and_latencies(server, client):
+    before = scrape(server)
+    response = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=7, temperature=0,
+                                         extra_body={"min_tokens": 7})
+    after = scrape(server)
+
+    def grew(name, labels=()):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert grew("llama_requests_total", (("reason", "length"),)) == 1
+    assert grew("llama_generation_tokens_total") == response.usage.completion_tokens == 7
+    assert grew("llama_prompt_tokens_total") == response.usage.prompt_tokens
+    assert grew("llama_time_to_first_token_seconds_count") == 1
+    assert grew("llama_time_per_output_token_seconds_count") == 6  # between 7 tokens
+    assert grew("llama_e2e_request_latency_seconds_count") == 1
+    assert after[("llama_requests_running", ())] == 0 and after[("llama_requests_waiting", ())] == 0
+    assert after[("llama_kv_cache_usage_ratio", ())] == 0.0  # nothing running holds positions
+
+
+def test_metrics_gauges_see_a_running_request(small_server, monkeypatch):
+    gate = threading.Event()
+    slow_steps(monkeypatch, small_server.state.scheduler, gate=gate)
+    body = {"model": MODEL, "prompt": PROMPTS[8], "max_tokens": 4, "temperature": 0}
+    thread = threading.Thread(target=lambda: httpx.post(small_server.url + "/v1/completions", json=body, timeout=60))
+    thread.start()
+    try:
+        wait_for(lambda: health(small_server)["running"] == 1)  # admitted, its prefill held at the gate
+        metrics = scrape(small_server)
+        assert metrics[("llama_requests_running", ())] == 1 and metrics[("llama_sequences_running", ())] == 1
+        assert 0 < metrics[("llama_kv_cache_usage_ratio", ())] <= 1
+    finally:
+        gate.set()
+        thread.join(timeout=60)
+
+
 def test_stop_string_cuts_like_the_library(client, reference):
     full = greedy(reference, PROMPTS[5], 16)
     stop = full[len(full) // 2: len(full) // 2 + 2]
@@ -340,6 +385,7 @@ def test_full_queue_answers_429_with_retry_after(small_server, monkeypatch):
         assert response.status_code == 429
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"]["type"] == "rate_limit_error"
+        assert scrape(small_server)[("llama_requests_total", (("reason", "rejected"),))] >= 1
     finally:
         gate.set()
         first.join(timeout=30)

@@ -120,6 +120,12 @@ class Engine:
         return bool(self.requests or self.waiting)
 
     @property
+    def cache_usage(self) -> float:
+        """The share of the KV cache's positions (every row, every position) that running sequences hold."""
+        held = sum(min(seq.cache_len, self.max_seq_len) for seq in self.running)
+        return held / (self.max_batch_size * self.max_seq_len)
+
+    @property
     def cache_layout(self) -> CacheLayout:
         return CacheLayout.of(self.runner.model)
 
