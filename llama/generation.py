@@ -51,6 +51,7 @@ class Llama:
         dtype: Optional[Union[str, torch.dtype]] = None,
         compile: bool = False,
         quantize: Optional[str] = None,
+        prefix_cache_tokens: int = 0,
     ) -> "Llama":
         """Loads a Meta-format checkpoint and its tokenizer.
 
@@ -78,6 +79,9 @@ class Llama:
             quantize: "int8", "int4" or "llm.int8" quantizes the weights after
                 loading (see `llama.quantize`); a checkpoint written by
                 `python -m llama.quantize` is loaded quantized without this.
+            prefix_cache_tokens: keep the keys and values of up to this many tokens of earlier
+                prompts and answers, and prefill a new prompt only after its longest cached prefix
+                (`llama.engine.prefix_cache`; 0, the default: off). Outputs are the same either way.
 
         Returns:
             A ready `Llama`. No global torch default (dtype, device) is changed.
@@ -143,9 +147,10 @@ class Llama:
             quantize_model(model, quantize)
         if is_main_process():
             logger.info("Loaded in %.2f seconds", time.perf_counter() - start_time)
-        return Llama(model, tokenizer, seed=seed, compile=compile)
+        return Llama(model, tokenizer, seed=seed, compile=compile, prefix_cache_tokens=prefix_cache_tokens)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, seed: int = 1, compile: bool = False):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, seed: int = 1, compile: bool = False,
+                 prefix_cache_tokens: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = make_chat_format(tokenizer)
@@ -154,7 +159,7 @@ class Llama:
         # so every rank draws the same tokens and callers' RNG state is untouched.
         self.generator = torch.Generator(self.device).manual_seed(seed)
         # The one decoding engine under generate, stream, explain and the server.
-        self.engine = Engine(ModelRunner(model, compile=compile), tokenizer)
+        self.engine = Engine(ModelRunner(model, compile=compile), tokenizer, prefix_cache_tokens=prefix_cache_tokens)
 
     @torch.inference_mode()
     def generate(

@@ -9,6 +9,7 @@
     llama_e2e_request_latency_seconds       from submission to the end of a request
     llama_requests_waiting / llama_requests_running / llama_sequences_running
     llama_kv_cache_usage_ratio              positions held by running sequences / all positions of the cache
+    llama_prefix_cache_hit_rate             prompt tokens found in the prefix cache / prompt tokens looked up
 
 Names follow vLLM's (`vllm:time_to_first_token_seconds`, ...) under our prefix. Each app has
 its own registry: two servers in one process (tests) do not share counts.
@@ -28,7 +29,8 @@ class ServerMetrics:
     """What the scheduler reports as it goes, and gauges read from it at each scrape.
 
     Args:
-        snapshot: returns the scheduler's state now: {"waiting", "running", "sequences", "kv_cache_usage"}.
+        snapshot: returns the scheduler's state now: {"waiting", "running", "sequences", "kv_cache_usage",
+            "prefix_cache_hit_rate"}.
     """
 
     def __init__(self, snapshot: Callable[[], dict]):
@@ -48,6 +50,7 @@ class ServerMetrics:
             "running": ("llama_requests_running", "Requests in the batch"),
             "sequences": ("llama_sequences_running", "Sequences (rows) in the batch"),
             "kv_cache_usage": ("llama_kv_cache_usage_ratio", "KV-cache positions held by running sequences"),
+            "prefix_cache_hit_rate": ("llama_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache"),
         }
         for key, (name, documentation) in gauges.items():
             Gauge(name, documentation, registry=r).set_function(lambda key=key: snapshot()[key])

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -185,6 +185,25 @@ class KVCache(nn.Module):
         self.k[dst, :, :length] = self.k[src, :, :length]
         self.v[dst, :, :length] = self.v[src, :, :length]
 
+    def block_pool(self, n_blocks: int, block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Storage for n_blocks blocks of block_size positions (prefix caching): k, v (n, Hkv, block, hd)."""
+        shape = (n_blocks, self.k.shape[1], block_size, self.k.shape[3])
+        return (torch.zeros(shape, dtype=self.k.dtype, device=self.k.device),
+                torch.zeros(shape, dtype=self.v.dtype, device=self.v.device))
+
+    def save_blocks(self, row: int, first_block: int, pool: Tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor):
+        """pool[slots[i]] = block first_block + i of the row (its positions (first_block + i) * block ...)."""
+        n, block = slots.shape[0], pool[0].shape[2]
+        start = first_block * block
+        for cache, blocks in ((self.k, pool[0]), (self.v, pool[1])):
+            blocks[slots] = cache[row, :, start : start + n * block].unflatten(1, (n, block)).transpose(0, 1)
+
+    def load_blocks(self, row: int, pool: Tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor):
+        """Positions 0 .. n * block of the row = the n blocks pool[slots], in order."""
+        n, block = slots.shape[0], pool[0].shape[2]
+        for cache, blocks in ((self.k, pool[0]), (self.v, pool[1])):
+            cache[row, :, : n * block] = blocks[slots].transpose(0, 1).flatten(1, 2)  # (Hkv, n * block, hd)
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -334,6 +353,20 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache.move(src, dst, length)
 
+    def cache_block_pools(self, n_blocks: int, block_size: int) -> list:
+        """Per layer, storage for n_blocks blocks of keys and values (prefix caching, `KVCache.block_pool`)."""
+        return [layer.attention.cache.block_pool(n_blocks, block_size) for layer in self.layers]
+
+    def save_cache_blocks(self, row: int, first_block: int, pools: list, slots: torch.Tensor):
+        """Blocks first_block.. of cache row `row` into slots of the pools, in every layer."""
+        for layer, pool in zip(self.layers, pools):
+            layer.attention.cache.save_blocks(row, first_block, pool, slots)
+
+    def load_cache_blocks(self, row: int, pools: list, slots: torch.Tensor):
+        """The pools' blocks at slots into the first positions of cache row `row`, in every layer."""
+        for layer, pool in zip(self.layers, pools):
+            layer.attention.cache.load_blocks(row, pool, slots)
+
     def forward(
         self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None
     ) -> torch.Tensor:
@@ -371,7 +404,9 @@ class Transformer(nn.Module):
             positions = (start_pos + offsets)[None, :]  # (1, T): shared by every row
             kv_len = start_pos + seqlen if kv_len is None else kv_len
         else:
-            positions = start_pos[:, None] + offsets  # (B, T)
+            # (B, T). Right padding past the context (a row prefilled from a cached prefix, beside a
+            # longer one) writes at the last slot, which the first decode step there overwrites before reading.
+            positions = torch.clamp(start_pos[:, None] + offsets, max=self.params.max_seq_len - 1)
             kv_len = self.params.max_seq_len if kv_len is None else kv_len
 
         # Causal mask over the cache: a token at position p sees its row's positions <= p.

@@ -233,13 +233,16 @@ class Scheduler:
             "waiting": self._waiting(),
             "max_batch_size": self.max_batch_size,
             "queue_size": self.queue_size,
+            "prefix_cache_hit_rate": self.snapshot()["prefix_cache_hit_rate"],
             **dict(self.stats),
         }
 
     def snapshot(self) -> dict:
         """The gauges of /metrics: requests waiting and running, rows in use, KV-cache positions held."""
+        prefix = self.engine.prefix
         return {"waiting": self._waiting(), "running": len(self.engine.requests),
-                "sequences": len(self.engine.running), "kv_cache_usage": self.engine.cache_usage}
+                "sequences": len(self.engine.running), "kv_cache_usage": self.engine.cache_usage,
+                "prefix_cache_hit_rate": prefix.hit_rate if prefix is not None else 0.0}
 
     def _waiting(self) -> int:
         return len(self.inbox) + len(self.engine.waiting)

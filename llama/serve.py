@@ -59,6 +59,7 @@ from llama.scheduler import Delta, Finished, Job, QueueFull, Scheduler, TokenLog
 logger = logging.getLogger("llama.serve")  # the same name under `python -m`
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_PREFIX_CACHE_CONTEXTS = 4  # the prefix cache holds this many full contexts' keys and values by default
 ROLE_ALIASES = {"developer": "system", "tool": "ipython"}  # OpenAI's names for the library's roles
 
 
@@ -541,10 +542,16 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 def create_app(llama: Llama, *, model_name: str, queue_size: int = 64, request_timeout: Optional[float] = 600.0,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, prefix_cache_tokens: Optional[int] = None) -> FastAPI:
     """The FastAPI app serving `llama`; its scheduler thread runs `llama.engine` while the app does
     (`app.state.scheduler`). Under torchrun, create it on rank 0 only: its engine leads the other
-    ranks, which run `llama.engine.runner.follow()`."""
+    ranks, which run `llama.engine.runner.follow()`.
+
+    prefix_cache_tokens: the prefix cache's budget (`Engine.enable_prefix_cache`); default
+    DEFAULT_PREFIX_CACHE_CONTEXTS x max_seq_len tokens; 0 turns it off."""
+    if prefix_cache_tokens is None:
+        prefix_cache_tokens = DEFAULT_PREFIX_CACHE_CONTEXTS * llama.model.params.max_seq_len
+    llama.engine.enable_prefix_cache(prefix_cache_tokens)
     llama.engine.runner.lead()
     metrics = ServerMetrics(lambda: scheduler.snapshot())
     scheduler = Scheduler(llama.engine, queue_size=queue_size, metrics=metrics)
@@ -595,6 +602,9 @@ def parse_args(argv: Optional[SequenceType[str]] = None, prog: str = "python -m 
                       help="seconds a request may wait and run, 0 for no limit (default: 600)")
     http.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                       help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    http.add_argument("--prefix-cache-tokens", type=int,
+                      help=f"keys and values of earlier prompts kept for reuse, in tokens; 0 turns prefix caching "
+                           f"off (default: {DEFAULT_PREFIX_CACHE_CONTEXTS} x --max-seq-len)")
     http.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     check_model_options(parser, args)
@@ -629,6 +639,7 @@ def main(argv: Optional[SequenceType[str]] = None, prog: str = "python -m llama.
         runner.follow()
         return
     app = create_app(llama, model_name=model_name, queue_size=args.queue_size, request_timeout=args.request_timeout,
+                     prefix_cache_tokens=args.prefix_cache_tokens,
                      max_body_bytes=args.max_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 

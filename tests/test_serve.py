@@ -311,6 +311,20 @@ def test_metrics_gauges_see_a_running_request(small_server, monkeypatch):
         thread.join(timeout=60)
 
 
+def test_prefix_caching_is_on_and_answers_stay_the_librarys(server, client, reference):
+    """Requests sharing a long system prompt: later ones start from its cached blocks (the hit rate
+    grows) and every answer equals the library's without a prefix cache."""
+    system = "You are a careful assistant. " * 6
+    prompts = [system + question for question in ("Name a colour.", "Name a fruit.", "Name a river.")]
+    index = server.state.scheduler.engine.prefix
+    hits = index.hits
+    for prompt in prompts:
+        response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+        assert response.choices[0].text == greedy(reference, prompt, 6)
+    assert index.hits >= hits + 2 * index.block_size  # the 2nd and 3rd found at least a block each
+    assert 0 < scrape(server)[("llama_prefix_cache_hit_rate", ())] == health(server)["prefix_cache_hit_rate"] <= 1
+
+
 def test_stop_string_cuts_like_the_library(client, reference):
     full = greedy(reference, PROMPTS[5], 16)
     stop = full[len(full) // 2: len(full) // 2 + 2]

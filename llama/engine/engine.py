@@ -26,6 +26,7 @@ import torch
 
 from llama.engine.kv_cache import CacheLayout, CacheRows
 from llama.engine.model_runner import ModelRunner, Step
+from llama.engine.prefix_cache import BLOCK_SIZE, PrefixIndex
 from llama.engine.sampler import Group, Sampler
 from llama.engine.sequence import Request, Sequence
 from llama.engine.stopping import StopCriteria
@@ -54,9 +55,12 @@ class Engine:
     Args:
         runner: runs the model (and, under torchrun, keeps the ranks in lockstep).
         tokenizer: for the stop tokens and the text of the sequences.
+        prefix_cache_tokens: keep the keys and values of up to this many tokens of earlier
+            sequences and start new ones from their longest cached prefix (0: off; see
+            `llama.engine.prefix_cache`).
     """
 
-    def __init__(self, runner: ModelRunner, tokenizer):
+    def __init__(self, runner: ModelRunner, tokenizer, *, prefix_cache_tokens: int = 0):
         self.runner = runner
         self.tokenizer = tokenizer
         self.device = runner.device
@@ -68,6 +72,19 @@ class Engine:
         self.requests: List[Request] = []  # running, in admission order
         self.counters = collections.Counter(steps=0, prefill_steps=0, tokens=0)
         self._observers: List[Observer] = []
+        self.prefix: Optional[PrefixIndex] = None
+        self._saves: List[Tuple[int, int, List[int]]] = []  # blocks of released rows, saved at the next step
+        self.enable_prefix_cache(prefix_cache_tokens)
+
+    def enable_prefix_cache(self, tokens: int) -> None:
+        """Turns automatic prefix caching on with a budget of `tokens` (rounded down to whole blocks), or off (0)."""
+        if not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be an integer >= 0, got {tokens!r}")
+        self._saves = []
+        if tokens // BLOCK_SIZE == 0:
+            self.prefix = None
+        elif self.prefix is None or self.prefix.n_slots != tokens // BLOCK_SIZE:
+            self.prefix = PrefixIndex(tokens // BLOCK_SIZE)  # every rank's store is made anew on the next step
 
     # --- Building requests ---
 
@@ -149,21 +166,48 @@ class Engine:
         newcomers = self._admit()
         if newcomers:
             sequences = [seq for request in newcomers for seq in request.sequences]  # rows 0..k-1
-            logits = self.runner.run(Step(moves=self.rows.take_moves(), prompts=[s.prompt_tokens for s in sequences]))
+            logits = self.runner.run(self._prefill_step(sequences))
             self.counters["prefill_steps"] += 1
         elif self.requests:
             sequences = self.running
             tokens = [seq.tokens[-1] for seq in sequences]
             positions = [min(seq.cache_len, self.max_seq_len - 1) for seq in sequences]  # a row past its end: last slot
-            logits = self.runner.run(Step(moves=self.rows.take_moves(), tokens=tokens, positions=positions))
+            logits = self.runner.run(self._step(tokens=tokens, positions=positions))
             self.counters["steps"] += 1
         else:
             return []
         return self._advance(sequences, logits)
 
+    def _step(self, **pass_) -> Step:
+        """A Step with the planned row moves and, with prefix caching, the saves of released rows."""
+        step = Step(moves=self.rows.take_moves(), **pass_)
+        if self.prefix is not None:
+            step.store = (self.prefix.n_slots, self.prefix.block_size)
+            step.saves_before, self._saves = self._saves, []
+        return step
+
+    def _prefill_step(self, sequences: List[Sequence]) -> Step:
+        """The prefill of the newcomers in rows 0..k-1: each from its longest cached prefix, if any."""
+        if self.prefix is None:
+            return self._step(prompts=[seq.prompt_tokens for seq in sequences])
+        step = self._step(prompts=[], starts=[])
+        # Every lookup before any new block is planned: those hold data only after this pass.
+        matches = [self.prefix.match(seq.prompt_tokens) for seq in sequences]
+        for row, (seq, cached) in enumerate(zip(sequences, matches)):
+            start = len(cached) * self.prefix.block_size
+            if cached:
+                step.loads.append((row, cached))
+            step.prompts.append(seq.prompt_tokens[start:])
+            step.starts.append(start)
+        for row, (seq, cached) in enumerate(zip(sequences, matches)):
+            new_blocks = self.prefix.allocate(seq.prompt_tokens, len(cached))  # the prompt's, once computed
+            if new_blocks is not None:
+                step.saves_after.append((row, *new_blocks))
+        return step
+
     def idle_step(self) -> None:
         """A step without a forward pass: carries out pending row moves (and keeps followers' broadcasts alive)."""
-        self.runner.run(Step(moves=self.rows.take_moves()))
+        self.runner.run(self._step())
 
     def _admit(self) -> List[Request]:
         """Waiting requests that fit, oldest first (a request too big for the free rows waits, and so do the rest)."""
@@ -212,8 +256,14 @@ class Engine:
                 outputs.append(out)
                 self.counters["tokens"] += token not in seq.stop.stop_tokens
         # Release once every row has its new token: a move copies the positions a row has filled.
-        for request, _ in groups:
-            if request.finished:
-                self.requests.remove(request)
-                self.rows.release(request.sequences)
+        finished = [request for request, _ in groups if request.finished]
+        if self.prefix is not None:  # their keys and values, saved (next step) before any row moves
+            for seq in (seq for request in finished for seq in request.sequences):
+                filled = min(seq.cache_len, self.max_seq_len)
+                new_blocks = self.prefix.allocate((seq.prompt_tokens + seq.tokens)[:filled], 0)
+                if new_blocks is not None:
+                    self._saves.append((seq.row, *new_blocks))
+        for request in finished:
+            self.requests.remove(request)
+            self.rows.release(request.sequences)
         return outputs

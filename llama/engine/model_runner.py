@@ -67,6 +67,13 @@ class Step:
 
     moves: List[Tuple[int, int, int]] = field(default_factory=list)  # (from row, to row, positions), in order
     prompts: Optional[List[List[int]]] = None  # prefill: prompt i into cache row i
+    starts: Optional[List[int]] = None  # ... from position starts[i] (after a cached prefix), default 0
+    # Prefix caching (`llama.engine.prefix_cache`): the block store's shape (slots, block size), blocks
+    # saved before anything else (rows released last step), loaded after the moves, saved after the pass.
+    store: Optional[Tuple[int, int]] = None
+    saves_before: List[Tuple[int, int, List[int]]] = field(default_factory=list)  # (row, first block, slots)
+    loads: List[Tuple[int, List[int]]] = field(default_factory=list)  # (row, slots): its positions 0..
+    saves_after: List[Tuple[int, int, List[int]]] = field(default_factory=list)
     tokens: Optional[List[int]] = None  # decode: row i feeds tokens[i] at positions[i]
     positions: Optional[List[int]] = None
     shutdown: bool = False  # the other ranks leave `follow`
@@ -88,6 +95,8 @@ class ModelRunner:
         self.compiled = compile
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.leading = False  # rank 0 broadcasts every step to followers
+        self.block_pools: Optional[list] = None  # the prefix cache's block store, made on first use
+        self._store: Optional[Tuple[int, int]] = None  # its (slots, block size)
         self._decode = self._decode_rows
         if compile:
             make_compilable(model)  # fairscale's layers -> traceable twins with the same weights
@@ -127,26 +136,46 @@ class ModelRunner:
             self.leading = False
 
     def execute(self, step: Step) -> Optional[torch.Tensor]:
+        if step.store is not None and step.store != self._store:  # (a new index: its blocks are all new)
+            self.block_pools, self._store = self.model.cache_block_pools(*step.store), step.store
+        self._save_blocks(step.saves_before)
         for src, dst, length in step.moves:
             self.model.move_cache_row(src, dst, length)
+        for row, slots in step.loads:
+            self.model.load_cache_blocks(row, self.block_pools, self._slots(slots))
+        logits = None
         if step.prompts:
-            return self.prefill(step.prompts)
-        if step.tokens:
-            return self.decode_step(step.tokens, step.positions)
-        return None
+            logits = self.prefill(step.prompts, step.starts)
+        elif step.tokens:
+            logits = self.decode_step(step.tokens, step.positions)
+        self._save_blocks(step.saves_after)
+        return logits
+
+    def _save_blocks(self, saves: List[Tuple[int, int, List[int]]]) -> None:
+        for row, first_block, slots in saves:
+            self.model.save_cache_blocks(row, first_block, self.block_pools, self._slots(slots))
+
+    def _slots(self, slots: List[int]) -> torch.Tensor:
+        return torch.tensor(slots, dtype=torch.long, device=self.device)
 
     # --- The two phases ---
 
-    def prefill(self, prompts: List[List[int]], every_position: bool = False) -> torch.Tensor:
-        """Writes prompt i into cache row i; returns fp32 logits (k, V) at each prompt's last
-        position, or with every_position (one prompt) the logits (L, V) after every position."""
+    def prefill(self, prompts: List[List[int]], starts: Optional[List[int]] = None,
+                every_position: bool = False) -> torch.Tensor:
+        """Writes prompt i into cache row i, from position starts[i] on (0 by default; the positions
+        before hold a cached prefix); returns fp32 logits (k, V) at each prompt's last position, or
+        with every_position (one prompt) the logits (L, V) after every position."""
         lengths = [len(p) for p in prompts]
+        starts = starts or [0] * len(prompts)
         padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=self.device)  # (k, L), 0 = filler
         for row, prompt in enumerate(prompts):
             padded[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
-        same_length = min(lengths) == max(lengths)  # then every row shares its positions (simplest path)
-        start = 0 if same_length else torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-        hidden = self.model.forward_hidden(padded, start, kv_len=max(lengths))  # (k, L, D)
+        if min(lengths) == max(lengths) and min(starts) == max(starts):
+            start = starts[0]  # every row shares its positions (simplest path)
+        else:
+            start = torch.tensor(starts, dtype=torch.long, device=self.device)  # (k,)
+        kv_len = max(s + n for s, n in zip(starts, lengths))
+        hidden = self.model.forward_hidden(padded, start, kv_len=kv_len)  # (k, L, D)
         if every_position:
             return self.model.output(hidden).float()[0]  # (L, V)
         last = torch.tensor(lengths, device=self.device) - 1
