@@ -69,10 +69,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args) -> subprocess.Popen:
-    """`python -m llama.serve` in a subprocess; its log goes to stderr."""
+def start_server(args, *extra: str) -> subprocess.Popen:
+    """`python -m llama.serve` in a subprocess, with `extra` options; its log goes to stderr."""
     command = [sys.executable, "-m", "llama.serve", "--port", str(args.port), "--max-batch-size",
-               str(args.max_batch_size), "--max-seq-len", str(args.max_seq_len), "--log-level", "warning"]
+               str(args.max_batch_size), "--max-seq-len", str(args.max_seq_len), "--log-level", "warning", *extra]
     if args.ckpt_dir:
         command += ["--ckpt-dir", args.ckpt_dir]
     if args.server_threads:

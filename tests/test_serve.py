@@ -259,6 +259,9 @@ def test_n_choices_are_the_librarys_n_continuations(client, tiny_checkpoints, ll
             finished[choice.index] = choice.finish_reason or finished[choice.index]
     assert streamed == expected and all(reason in ("stop", "length") for reason in finished)
 
+    greedy_three = client.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=6, temperature=0, n=3)
+    assert [c.text for c in greedy_three.choices] == [greedy(reference, PROMPTS[4], 6)] * 3  # = 3 single requests
+
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPTS[4]}],
                                           max_tokens=6, temperature=1.0, seed=11, n=2)
     dialog = [{"role": "user", "content": PROMPTS[4]}]
@@ -323,6 +326,29 @@ def test_prefix_caching_is_on_and_answers_stay_the_librarys(server, client, refe
         assert response.choices[0].text == greedy(reference, prompt, 6)
     assert index.hits >= hits + 2 * index.block_size  # the 2nd and 3rd found at least a block each
     assert 0 < scrape(server)[("llama_prefix_cache_hit_rate", ())] == health(server)["prefix_cache_hit_rate"] <= 1
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set from /proc")
+def test_memory_stays_bounded_over_many_distinct_long_prompts(server):
+    """200 requests with distinct long prompts (each fills prefix-cache blocks, evicting older ones):
+    the process' resident memory after them is within 10 % of its level after the first 20."""
+    def ask(i):
+        prompt = " ".join(f"w{i}x{j}" for j in range(20))  # distinct from the first token on, ~60 tokens
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+        assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+
+    for i in range(20):
+        ask(i)
+    settled = rss_bytes()
+    for i in range(20, 200):
+        ask(i)
+    assert len(server.state.scheduler.engine.prefix.slots) <= server.state.scheduler.engine.prefix.n_slots
+    assert rss_bytes() <= 1.10 * settled, (settled, rss_bytes())
 
 
 def test_stop_string_cuts_like_the_library(client, reference):
