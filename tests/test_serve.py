@@ -583,6 +583,12 @@ def test_two_shards_under_torchrun_serve_the_same_text(tiny_checkpoints, llama3_
         prompts, lengths = PROMPTS[:5], [4, 9, 6, 12, 3]  # more requests than the 3 slots
         expected = [greedy(reference, p, n) for p, n in zip(prompts, lengths)]
         assert stream_concurrently(client, prompts, lengths) == expected
+        # Prefix caching (on by default): the second time, both ranks load the prompt's blocks from their store.
+        long_prompt = PROMPTS[5] * 3
+        for _ in range(2):
+            response = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=5, temperature=0)
+            assert response.choices[0].text == greedy(reference, long_prompt, 5)
+        assert httpx.get(url + "/health").json()["prefix_cache_hit_rate"] > 0
     finally:
         process.send_signal(signal.SIGINT)  # rank 0 shuts down gracefully and releases rank 1
         output = process.communicate(timeout=60)[0]
@@ -594,8 +600,9 @@ def test_two_shards_under_torchrun_serve_the_same_text(tiny_checkpoints, llama3_
 
 def test_compiled_server_answers_equal_eager(tiny_checkpoints, llama3_tokenizer_path, reference, monkeypatch):
     """`llama serve --compile`: the server's engine runs the compiled decode step (one slot: one
-    compilation; the other requests queue) and answers what the eager library answers. Inductor's GEMM tuning is turned off here: it changes
-    which kernels run, not what the server does, and would make this test minutes longer."""
+    compilation; the other requests queue) and answers what the eager library answers. Inductor's
+    GEMM tuning is turned off here: it changes which kernels run, not what the server does, and
+    would make this test minutes longer."""
     import llama.engine.model_runner as model_runner
 
     monkeypatch.setattr(model_runner, "CPU_INDUCTOR_OPTIONS", {"freezing": True})
