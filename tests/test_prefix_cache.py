@@ -46,11 +46,15 @@ def test_eviction_takes_the_least_recently_used_block_and_stays_within_budget():
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_checkpoints, llama3_tokenizer_path):
+def build_args(tiny_checkpoints, llama3_tokenizer_path):
+    return dict(ckpt_dir=tiny_checkpoints["gqa"], tokenizer_path=llama3_tokenizer_path, max_seq_len=96,
+                max_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def pair(build_args):
     """The same checkpoint without and with a prefix cache (a small one: blocks get evicted)."""
-    build = dict(ckpt_dir=tiny_checkpoints["gqa"], tokenizer_path=llama3_tokenizer_path, max_seq_len=96,
-                 max_batch_size=4)
-    return Llama.build(**build), Llama.build(**build, prefix_cache_tokens=96)
+    return Llama.build(**build_args), Llama.build(**build_args, prefix_cache_tokens=96)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -86,3 +90,20 @@ def test_a_hit_loads_what_a_full_prefill_computes(pair):
         n = len(prompt)
         torch.testing.assert_close(cached.attention.cache.k[0, :, :n], full.attention.cache.k[0, :, :n])
         torch.testing.assert_close(cached.attention.cache.v[0, :, :n], full.attention.cache.v[0, :, :n])
+
+
+def test_blocks_of_an_ended_request_are_saved_before_echo_reuses_its_rows(pair, build_args):
+    """echo with logprobs runs the prompts again on cache row 0 once the request has ended: the
+    blocks of its answers must be saved before that (a follow-up turn loads them)."""
+    off = pair[0]
+    on = Llama.build(**build_args, prefix_cache_tokens=1024)  # room for every block
+    other = SYSTEM + list(range(3000, 3019))  # 60 tokens: its 4th block ends in its answer
+    first = SYSTEM[:30] + list(range(5000, 5021))  # differs from position 30 on
+    outputs = []
+    for llama in (off, on):
+        (answered, _), _ = llama.generate([other, first], 20, temperature=0, min_gen_len=20, logprobs=True,
+                                          echo=True)
+        outputs.append(answered)
+    assert outputs[0] == outputs[1]
+    follow_up = outputs[0] + [7, 8, 9]  # the dialog so far, and more: loads the block holding the answer
+    assert on.generate([follow_up], 6, temperature=0) == off.generate([follow_up], 6, temperature=0)

@@ -73,14 +73,12 @@ class Engine:
         self.counters = collections.Counter(steps=0, prefill_steps=0, tokens=0)
         self._observers: List[Observer] = []
         self.prefix: Optional[PrefixIndex] = None
-        self._saves: List[Tuple[int, int, List[int]]] = []  # blocks of released rows, saved at the next step
         self.enable_prefix_cache(prefix_cache_tokens)
 
     def enable_prefix_cache(self, tokens: int) -> None:
         """Turns automatic prefix caching on with a budget of `tokens` (rounded down to whole blocks), or off (0)."""
         if not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"prefix_cache_tokens must be an integer >= 0, got {tokens!r}")
-        self._saves = []
         if tokens // BLOCK_SIZE == 0:
             self.prefix = None
         elif self.prefix is None or self.prefix.n_slots != tokens // BLOCK_SIZE:
@@ -179,11 +177,10 @@ class Engine:
         return self._advance(sequences, logits)
 
     def _step(self, **pass_) -> Step:
-        """A Step with the planned row moves and, with prefix caching, the saves of released rows."""
+        """A Step with the planned row moves (and the prefix cache's store size, if it is on)."""
         step = Step(moves=self.rows.take_moves(), **pass_)
         if self.prefix is not None:
             step.store = (self.prefix.n_slots, self.prefix.block_size)
-            step.saves_before, self._saves = self._saves, []
         return step
 
     def _prefill_step(self, sequences: List[Sequence]) -> Step:
@@ -257,12 +254,15 @@ class Engine:
                 self.counters["tokens"] += token not in seq.stop.stop_tokens
         # Release once every row has its new token: a move copies the positions a row has filled.
         finished = [request for request, _ in groups if request.finished]
-        if self.prefix is not None:  # their keys and values, saved (next step) before any row moves
+        if self.prefix is not None:  # their keys and values, saved now: nothing may overwrite the rows first
+            saves = []
             for seq in (seq for request in finished for seq in request.sequences):
                 filled = min(seq.cache_len, self.max_seq_len)
                 new_blocks = self.prefix.allocate((seq.prompt_tokens + seq.tokens)[:filled], 0)
                 if new_blocks is not None:
-                    self._saves.append((seq.row, *new_blocks))
+                    saves.append((seq.row, *new_blocks))
+            if saves:
+                self.runner.run(Step(store=(self.prefix.n_slots, self.prefix.block_size), saves_before=saves))
         for request in finished:
             self.requests.remove(request)
             self.rows.release(request.sequences)

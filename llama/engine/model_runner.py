@@ -69,7 +69,7 @@ class Step:
     prompts: Optional[List[List[int]]] = None  # prefill: prompt i into cache row i
     starts: Optional[List[int]] = None  # ... from position starts[i] (after a cached prefix), default 0
     # Prefix caching (`llama.engine.prefix_cache`): the block store's shape (slots, block size), blocks
-    # saved before anything else (rows released last step), loaded after the moves, saved after the pass.
+    # saved before anything else (rows of requests that just ended), loaded after the moves, saved after the pass.
     store: Optional[Tuple[int, int]] = None
     saves_before: List[Tuple[int, int, List[int]]] = field(default_factory=list)  # (row, first block, slots)
     loads: List[Tuple[int, List[int]]] = field(default_factory=list)  # (row, slots): its positions 0..
