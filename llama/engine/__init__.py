@@ -4,6 +4,7 @@
     stopping.py       StopCriteria: stop tokens, stop strings, the length limit
     sampler.py        Sampler: each request's next tokens with its controls and generator, log-probabilities
     kv_cache.py       CacheRows: which sequence owns which KV-cache row, and the moves that keep rows compacted
+    prefix_cache.py   PrefixIndex: automatic prefix caching (hashed blocks of keys and values, LRU)
     model_runner.py   ModelRunner: prefill and decode_step (compiled if asked), in lockstep under torchrun
     engine.py         Engine: add / abort / step, the one decoding loop
 """
