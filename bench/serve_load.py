@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import AsyncIterator, List, Optional
 
 import httpx
 
@@ -97,6 +97,15 @@ def wait_until_ready(url: str, server: subprocess.Popen, timeout: float) -> None
 # --- The clients ------------------------------------------------------------------------------------
 
 
+async def stream_chunks(client: httpx.AsyncClient, url: str, body: dict) -> AsyncIterator[dict]:
+    """The JSON chunks of one streamed (server-sent events) request, up to `data: [DONE]`."""
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[len("data: "):])
+
+
 async def one_request(client: httpx.AsyncClient, url: str, question: str, new_tokens: int) -> dict:
     """Streams one chat completion; returns its TTFT, its chunk gaps, its tokens and its latency (seconds)."""
     body = {
@@ -106,16 +115,11 @@ async def one_request(client: httpx.AsyncClient, url: str, question: str, new_to
     }
     start = time.perf_counter()
     arrivals, tokens = [], 0
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: "):])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                arrivals.append(time.perf_counter())
+    async for chunk in stream_chunks(client, url + "/v1/chat/completions", body):
+        if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+        if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            arrivals.append(time.perf_counter())
     return {
         "ttft": arrivals[0] - start,
         "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])],

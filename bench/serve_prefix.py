@@ -25,7 +25,7 @@ from typing import List
 
 import httpx
 
-from bench.serve_load import QUESTIONS, free_port, percentile, start_server, wait_until_ready
+from bench.serve_load import QUESTIONS, free_port, percentile, start_server, stream_chunks, wait_until_ready
 
 RULES = [
     "Answer in the language of the question.", "Prefer short sentences.", "Say so when you are not sure.",
@@ -46,17 +46,12 @@ async def chat_turn(client: httpx.AsyncClient, url: str, messages: List[dict], n
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, text, usage = None, [], {}
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: "):])
-            usage = chunk.get("usage") or usage
-            piece = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
-            if piece:
-                ttft = time.perf_counter() - start if ttft is None else ttft
-                text.append(piece)
+    async for chunk in stream_chunks(client, url + "/v1/chat/completions", body):
+        usage = chunk.get("usage") or usage
+        piece = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+        if piece:
+            ttft = time.perf_counter() - start if ttft is None else ttft
+            text.append(piece)
     return {"ttft": ttft, "text": "".join(text), "tokens": usage.get("completion_tokens", 0),
             "prompt_tokens": usage.get("prompt_tokens", 0)}
 
