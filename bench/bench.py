@@ -1,7 +1,7 @@
 """Benchmarks: this library's configurations against transformers, llama.cpp and Meta's reference.
 
     python -m bench.bench                             # everything: ~30 minutes on 2 CPU cores
-    python -m bench.bench --quick --configs eager     # the shortest run (not measured idle here; --quick with every config took 31 min on 2 busy cores)
+    python -m bench.bench --quick --configs eager     # the shortest run (--quick with every config: 31 min, 2 busy cores)
 
 Workloads, all greedy with exactly N new tokens per row (stop tokens never end a run early):
     decode, batch 1   a short chat prompt, N new tokens (default 128)
