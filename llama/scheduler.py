@@ -134,7 +134,7 @@ class Job:
         self.deadline = None if timeout is None else self.submitted + timeout
         self.n = n
 
-        self.request: Optional[Request] = None  # the engine's, once the scheduler thread has taken the job
+        self.request: Optional[Request] = None  # the engine's, built by `Scheduler.submit`
         self.unsent: List[List[TokenLogprob]] = [[] for _ in range(n)]  # per choice: logprobs of held-back text
         self.open = set(range(n))  # the choices still generating
         self.first_token_at: Optional[float] = None
@@ -213,9 +213,17 @@ class Scheduler:
         self.runner.close()
 
     def submit(self, job: Job) -> None:
-        """Queues a job. Raises QueueFull when every slot is busy and queue_size jobs already wait."""
-        if len(job.prompt_tokens) == 0 or len(job.prompt_tokens) >= self.max_seq_len:
-            raise ValueError(f"a prompt needs 1 to {self.max_seq_len - 1} tokens, got {len(job.prompt_tokens)}")
+        """Queues a job. Raises QueueFull when every slot is busy and queue_size jobs already wait,
+        ValueError (the engine's check) when its prompt cannot fit the context."""
+        generator = torch.Generator(self.engine.device)
+        if job.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(job.seed)
+        # Building a request only reads the engine's limits: safe from any thread.
+        job.request = self.engine.request([job.prompt_tokens] * job.n, job.params, job.max_new_tokens,
+                                          generator=generator, stop=job.stop, text=True, logprobs=job.logprobs,
+                                          top_logprobs=job.top_logprobs)
         with self._lock:
             free_slots = self.max_batch_size - len(self.engine.running)
             if self._waiting() >= self.queue_size + max(free_slots, 0):
@@ -276,19 +284,10 @@ class Scheduler:
         self._wakeup.clear()
 
     def _take_inbox(self) -> None:
-        """Turns the submitted jobs into engine requests, each with its own generator, oldest first."""
+        """Hands the submitted jobs' requests to the engine, oldest first."""
         with self._lock:
             taken, self.inbox = list(self.inbox), collections.deque()
         for job in taken:
-            generator = torch.Generator(self.engine.device)
-            if job.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(job.seed)
-            job.request = self.engine.request([job.prompt_tokens] * job.n, job.params, job.max_new_tokens,
-                                              generator=generator,
-                                              stop=job.stop, text=True, logprobs=job.logprobs,
-                                              top_logprobs=job.top_logprobs)
             self.jobs[job.request.id] = job
             self.engine.add(job.request)
             if self.metrics is not None:
