@@ -73,9 +73,11 @@ class Llama:
             device: defaults to this rank's GPU if CUDA is available, else the CPU.
             dtype: defaults to bf16 on GPUs (fp16 where bf16 is unsupported), fp32 on CPU.
             compile: compile the decode step with `torch.compile` (CUDA graphs on
-                GPUs; frozen weights and inductor's GEMM kernels on CPU, see
-                `compile_decode_step`). The first generation of each batch size pays
-                the compilation (minutes on CPU for SmolLM2, tuning each GEMM).
+                GPUs; on CPU one compiled graph shared by the transformer blocks, see
+                `compile_decode_step`). The first generation at each batch bucket
+                (1, 2, 4, 8, ...) pays the compilation: about 20 s on 2 CPU cores
+                for SmolLM2 the first time, a few seconds in later processes, which
+                load it from inductor's cache.
             quantize: "int8", "int4" or "llm.int8" quantizes the weights after
                 loading (see `llama.quantize`); a checkpoint written by
                 `python -m llama.quantize` is loaded quantized without this.

@@ -598,14 +598,9 @@ def test_two_shards_under_torchrun_serve_the_same_text(tiny_checkpoints, llama3_
 # --- Compiled decoding --------------------------------------------------------------------------------
 
 
-def test_compiled_server_answers_equal_eager(tiny_checkpoints, llama3_tokenizer_path, reference, monkeypatch):
+def test_compiled_server_answers_equal_eager(tiny_checkpoints, llama3_tokenizer_path, reference):
     """`llama serve --compile`: the server's engine runs the compiled decode step (one slot: one
-    compilation; the other requests queue) and answers what the eager library answers. Inductor's
-    GEMM tuning is turned off here: it changes which kernels run, not what the server does, and
-    would make this test minutes longer."""
-    import llama.engine.model_runner as model_runner
-
-    monkeypatch.setattr(model_runner, "CPU_INDUCTOR_OPTIONS", {"freezing": True})
+    compilation; the other requests queue) and answers what the eager library answers."""
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     llama = Llama.build(tiny_checkpoints["gqa"], llama3_tokenizer_path, max_seq_len=MAX_SEQ_LEN, max_batch_size=1,
                         device="cpu", compile=True)

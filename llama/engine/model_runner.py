@@ -15,6 +15,7 @@ Shapes: B rows in a step, k prompts, L longest prompt, V vocabulary, D model dim
 """
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -26,39 +27,31 @@ from llama.parallel import make_compilable
 
 logger = logging.getLogger(__name__)
 
-# Inductor settings of the compiled decode step on CPU. Freezing makes the weights constants of
-# the graph, so max-autotune can use inductor's own C++ GEMM kernels, which repack each weight
-# once for the matrix-vector products of decoding; where they lose, it keeps ATen's (MKL's).
-# MKL's fp32 matrix-vector path streams about half the memory bandwidth on the AMD CPUs we
-# measured (bench/README.md, "Kernels"; `python -m bench.linear_kernels`).
-# The tuning is not printed (inductor writes every candidate's timing to stderr by default).
-CPU_INDUCTOR_OPTIONS = {
-    "freezing": True,
-    "max_autotune": True,
-    "max_autotune_gemm_backends": "CPP,ATEN",
-    "autotune_num_choices_displayed": 0,
-    "max_autotune_report_choices_stats": False,
-}
+def compile_decode_step(model: Transformer, step: Callable[..., torch.Tensor],
+                        device: torch.device) -> Callable[..., torch.Tensor]:
+    """The decode step, compiled for static shapes (one token per row, the whole cache read under
+    a mask), once per batch size.
 
-
-def compile_decode_step(step: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:
-    """`step` compiled once per batch size: its shapes are static (one token per row, the whole
-    cache read). On GPUs it is replayed as a CUDA graph. On CPU the weights are frozen into the
-    compiled code: changing them afterwards is not seen, and the repacked copies the GEMM kernels
-    read take about as much memory again as the weights."""
+    On GPUs the whole step is compiled and replayed as a CUDA graph. On CPU each transformer block
+    and the output projection are compiled on their own ("regional" compilation): the blocks are
+    one piece of code with different weights, so they share one compiled graph, and the first
+    compilation takes seconds, not the minutes of a 30-layer graph. The weights stay inputs of
+    that graph (nothing is frozen into it), so inductor's on-disk caches apply and a later process
+    loads the compiled code instead of compiling it again (`TORCHINDUCTOR_CACHE_DIR`, by default
+    /tmp/torchinductor_$USER). Batch-1 matmuls compile to streaming reductions (`llama.parallel.linear`).
+    """
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    import torch._inductor.config as inductor_config  # imported on use: loading it takes a second
+    for layer in model.layers:
+        layer.compile(fullgraph=True, dynamic=False)
+    model.output.compile(fullgraph=True, dynamic=False)
+    return step
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=False)
 
-    def frozen_step(*args, **kwargs) -> torch.Tensor:
-        # torch.compile(options=...) does not reach freezing; patch inductor's config for
-        # this call only (compilation happens inside it) instead of changing it for everyone.
-        with inductor_config.patch(CPU_INDUCTOR_OPTIONS):
-            return compiled(*args, **kwargs)
-
-    return frozen_step
+def batch_bucket(rows: int, max_batch_size: int) -> int:
+    """The batch size a compiled step runs `rows` rows at: the next power of two (at most
+    max_batch_size), so that a batch growing and shrinking reuses a few compiled graphs."""
+    return min(1 << (rows - 1).bit_length(), max_batch_size)
 
 
 @dataclass
@@ -100,7 +93,7 @@ class ModelRunner:
         self._decode = self._decode_rows
         if compile:
             make_compilable(model)  # fairscale's layers -> traceable twins with the same weights
-            self._decode = compile_decode_step(self._decode_rows, self.device)
+            self._decode = compile_decode_step(model, self._decode_rows, self.device)
 
     # --- Lockstep under torchrun ---
 
@@ -175,7 +168,8 @@ class ModelRunner:
         else:
             start = torch.tensor(starts, dtype=torch.long, device=self.device)  # (k,)
         kv_len = max(s + n for s, n in zip(starts, lengths))
-        hidden = self.model.forward_hidden(padded, start, kv_len=kv_len)  # (k, L, D)
+        with torch.compiler.set_stance("force_eager") if self.compiled else nullcontext():  # prompts vary: eager
+            hidden = self.model.forward_hidden(padded, start, kv_len=kv_len)  # (k, L, D)
         if every_position:
             return self.model.output(hidden).float()[0]  # (L, V)
         last = torch.tensor(lengths, device=self.device) - 1
@@ -184,13 +178,19 @@ class ModelRunner:
 
     def decode_step(self, tokens: List[int], positions: List[int]) -> torch.Tensor:
         """Row i feeds tokens[i] at positions[i] (at most max_seq_len - 1); returns the logits (B, V)."""
-        batch = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
-        if min(positions) == max(positions) and not self.compiled:
-            # Every row at one position (always so with one row): the reference's call, no mask.
-            return self.model(batch, positions[0])[:, -1]
-        start = torch.tensor(positions, device=self.device)  # (B,)
-        # Compiled: read the whole cache (masked), a static shape whatever the positions.
-        return self._decode(batch, start, self.max_seq_len if self.compiled else max(positions) + 1)
+        if not self.compiled:
+            batch = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1)
+            if min(positions) == max(positions):
+                # Every row at one position (always so with one row): the reference's call, no mask.
+                return self.model(batch, positions[0])[:, -1]
+            return self._decode(batch, torch.tensor(positions, device=self.device), max(positions) + 1)
+        # Compiled: static shapes. The whole cache is read (masked) whatever the positions, and the rows are
+        # padded to a bucket: filler rows feed token 0 at position 0 of cache rows no sequence holds.
+        rows = len(tokens)
+        filler = batch_bucket(rows, self.model.params.max_batch_size) - rows
+        batch = torch.tensor(tokens + [0] * filler, device=self.device)[:, None]  # (bucket, 1)
+        start = torch.tensor(positions + [0] * filler, device=self.device)  # (bucket,)
+        return self._decode(batch, start, self.max_seq_len)[:rows]
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Cache row i takes the keys and values of row rows[i] (beam search: each beam follows its parent)."""
