@@ -8,24 +8,48 @@ Message text is always encoded as plain text: a user who types "<|eot_id|>"
 gets the characters, never the control token. Llama 2's tags are plain text
 to begin with, so its format also has `refusal(dialog)`: the answer to give,
 instead of generating, to a dialog that spells them.
+
+Llama 3 and ChatML also call tools (`llama.tools` writes and reads the calls):
+`encode_dialog_prompt(dialog, tools=[...])` shows the tools to the model, a
+dialog may hold the assistant's earlier calls ("tool_calls") and their results
+(role "tool"), and `parse_reply` reads the calls out of a generated reply.
 """
 
-from typing import TYPE_CHECKING, List, Literal, Optional, Sequence, TypedDict
+from datetime import date
+from itertools import groupby
+from typing import TYPE_CHECKING, Dict, List, Literal, NotRequired, Optional, Sequence, TypedDict, Union
+
+from llama.tools import (
+    AssistantMessage,
+    ToolCall,
+    apply_tool_choice,
+    ends_with_eom,
+    hermes_tool_results,
+    normalize_tools,
+    parse_reply,
+    read_tool_calls,
+    render_calls,
+    render_tool_prompt,
+    starts_with_python_tag,
+)
 
 if TYPE_CHECKING:
     from llama.tokenizer import Tokenizer
 
-Role = Literal["system", "user", "assistant", "ipython"]
+Role = Literal["system", "user", "assistant", "tool", "ipython"]
 
 
 class Message(TypedDict):
     role: Role
-    content: str
+    content: Optional[str]  # None only beside tool_calls
+    tool_calls: NotRequired[List[ToolCall]]  # assistant: the tools it called (OpenAI's shape)
+    tool_call_id: NotRequired[str]  # tool: the call it answers (the formats do not show it)
 
 
 Dialog = Sequence[Message]
 
-ROLES = ("system", "user", "assistant", "ipython")  # ipython: the result of a tool call
+# tool (OpenAI's name) and ipython (Meta's): the result of a tool call.
+ROLES = ("system", "user", "assistant", "tool", "ipython")
 
 
 def validate_dialog(dialog: Dialog) -> None:
@@ -35,14 +59,31 @@ def validate_dialog(dialog: Dialog) -> None:
     if len(dialog) == 0:
         raise ValueError("a dialog must hold at least one message")
     for i, message in enumerate(dialog):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or "role" not in message or ("content" not in message and not calls):
             raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
         if message["role"] not in ROLES:
             raise ValueError(f"message {i} has role {message['role']!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(message["content"], str):
-            raise ValueError(f"message {i} content must be a str, got {type(message['content']).__name__}")
-        if not message["content"].strip():
+        content = message.get("content")
+        if calls:  # a turn that called tools may have no text
+            if message["role"] != "assistant":
+                raise ValueError(f"message {i} ({message['role']}) has tool_calls; only assistant messages call tools")
+            read_tool_calls(message, i)
+            if content is None:
+                continue
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} content must be a str, got {type(content).__name__}")
+        if not content.strip() and not calls and message["role"] != "tool":  # a tool may return nothing
             raise ValueError(f"message {i} ({message['role']}) has empty content")
+
+
+def _tool_format(name: Optional[str], supported: Sequence[str]) -> str:
+    """The tool format asked for, checked against a chat format's; None: its first (default)."""
+    if name is None:
+        return supported[0]
+    if name not in supported:
+        raise ValueError(f"tool_format {name!r} is not one this model's chat format writes: {', '.join(supported)}")
+    return name
 
 
 class ChatFormat:
@@ -51,36 +92,106 @@ class ChatFormat:
     <|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n{system}<|eot_id|>
     <|start_header_id|>user<|end_header_id|>\\n\\n{user}<|eot_id|>
     <|start_header_id|>assistant<|end_header_id|>\\n\\n      <- the model continues here
+
+    With tools, as llama-models' ChatFormat writes them: a tool result is an
+    ipython turn; a turn that called tools holds the calls' text and ends with
+    <|eom_id|> ("a tool result comes next") where the tool format says so.
+
+    Attributes:
+        tool_formats: the tool formats it writes, the default first.
+        stop_reasons: stop token id -> "eom" (the model waits for a tool result) or "eot".
     """
+
+    tool_formats = ("llama3.1", "llama3.2")
 
     def __init__(self, tokenizer: "Tokenizer"):
         self.tokenizer = tokenizer
         self.start_header_id = tokenizer.special_tokens["<|start_header_id|>"]
         self.end_header_id = tokenizer.special_tokens["<|end_header_id|>"]
         self.eot_id = tokenizer.special_tokens["<|eot_id|>"]
+        # Llama 3.1's names: a Llama 3.0 vocabulary converted from Hugging Face may lack them.
+        self.eom_id = tokenizer.special_tokens.get("<|eom_id|>")
+        self.python_tag_id = tokenizer.special_tokens.get("<|python_tag|>")
+        self.stop_reasons: Dict[int, str] = {t: "eom" if t == self.eom_id else "eot" for t in tokenizer.stop_tokens}
 
     def encode_header(self, message: Message) -> List[int]:
+        role = "ipython" if message["role"] == "tool" else message["role"]
         return [
             self.start_header_id,
-            *self.tokenizer.encode(message["role"], bos=False, eos=False),
+            *self.tokenizer.encode(role, bos=False, eos=False),
             self.end_header_id,
             *self.tokenizer.encode("\n\n", bos=False, eos=False),
         ]
 
-    def encode_message(self, message: Message) -> List[int]:
+    def encode_message(self, message: Message, tool_format: str = "llama3.1") -> List[int]:
+        calls = read_tool_calls(message, 0) if message.get("tool_calls") else []
         tokens = self.encode_header(message)
-        tokens.extend(self.tokenizer.encode(message["content"].strip(), bos=False, eos=False))
-        tokens.append(self.eot_id)
+        if starts_with_python_tag(calls):
+            tokens.append(self._tool_token("<|python_tag|>", self.python_tag_id))
+        tokens.extend(self.tokenizer.encode((message.get("content") or "").strip(), bos=False, eos=False))
+        for piece in render_calls(tool_format, calls):
+            tokens.extend(self.tokenizer.encode(piece, bos=False, eos=False))
+        tokens.append(self._tool_token("<|eom_id|>", self.eom_id) if ends_with_eom(tool_format, calls) else self.eot_id)
         return tokens
 
-    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
-        """Token ids of the whole dialog, ending with an open assistant header."""
+    def encode_dialog_prompt(
+        self,
+        dialog: Dialog,
+        tools: Optional[Sequence[dict]] = None,
+        tool_choice: Union[str, dict] = "auto",
+        tool_format: Optional[str] = None,
+        today: Optional[date] = None,
+    ) -> List[int]:
+        """Token ids of the whole dialog, ending with an open assistant header.
+
+        Args:
+            dialog: the messages.
+            tools: tool definitions (see `llama.tools`): shown in the system prompt,
+                the dialog's own system message merged in. None: the prompt of a
+                plain chat (earlier calls and results in the dialog still encode).
+            tool_choice: "auto", "none", "required" or {"type": "function", "function": {"name": ...}}.
+            tool_format: "llama3.1" (default: JSON function calls) or "llama3.2"
+                (pythonic calls, for Llama 3.2's 1B and 3B instruct models).
+            today: the date Llama 3.1's tool prompt states (default: today).
+
+        Raises:
+            ValueError: a malformed dialog, tool definition or tool_choice.
+        """
+        tool_format = _tool_format(tool_format, self.tool_formats)
         validate_dialog(dialog)
+        tools, instruction = apply_tool_choice(normalize_tools(tools, tool_format), tool_choice)
+        messages = list(dialog)
         tokens = [self.tokenizer.bos_id]
-        for message in dialog:
-            tokens.extend(self.encode_message(message))
+        if tools:
+            system = messages.pop(0)["content"].strip() if messages[0]["role"] == "system" else None
+            prompt = render_tool_prompt(tool_format, tools, system, instruction, today)
+            # Meta's exact text, not stripped as message contents are.
+            for role, text in (("system", prompt.system), ("user", prompt.user)):
+                if text is not None:
+                    tokens.extend(self.encode_header({"role": role, "content": text}))
+                    tokens.extend(self.tokenizer.encode(text, bos=False, eos=False))
+                    tokens.append(self.eot_id)
+        for message in messages:
+            tokens.extend(self.encode_message(message, tool_format))
         tokens.extend(self.encode_header({"role": "assistant", "content": ""}))
         return tokens
+
+    def parse_reply(
+        self, text: str, tools: Optional[Sequence[dict]] = None, tool_format: Optional[str] = None
+    ) -> AssistantMessage:
+        """The assistant message of a generated reply, with the calls it makes to `tools`
+        (the tools its prompt showed; None or []: no calls are read)."""
+        tool_format = _tool_format(tool_format, self.tool_formats)
+        return parse_reply(text, normalize_tools(tools, tool_format), tool_format)
+
+    def stop_reason(self, token: int) -> Optional[str]:
+        """"eom" (the turn waits for tool results), "eot" (it is over), or None for a token that ends no turn."""
+        return self.stop_reasons.get(token)
+
+    def _tool_token(self, name: str, token: Optional[int]) -> int:
+        if token is None:
+            raise ValueError(f"this Llama 3 vocabulary has no {name} (Llama 3.0?): tool calls need Llama 3.1 or later")
+        return token
 
 
 class ChatMLFormat:
@@ -92,7 +203,17 @@ class ChatMLFormat:
 
     Models whose template inserts a default system prompt when the dialog has
     none get it here too (`default_system_prompt`).
+
+    Tools are written in the Hermes convention (`llama.tools`): the tool list
+    ends the system prompt, calls are <tool_call> blocks of the assistant's
+    turn, and consecutive tool results are <tool_response> blocks of one user turn.
+
+    Attributes:
+        tool_formats: the tool formats it writes ("hermes").
+        stop_reasons: stop token id -> "eot" (ChatML has no end-of-message token).
     """
+
+    tool_formats = ("hermes",)
 
     def __init__(self, tokenizer: "Tokenizer", default_system_prompt: Optional[str] = None):
         self.tokenizer = tokenizer
@@ -100,23 +221,70 @@ class ChatMLFormat:
         self.im_start_id = tokenizer.special_tokens["<|im_start|>"]
         self.im_end_id = tokenizer.special_tokens["<|im_end|>"]
         self.newline = tokenizer.encode("\n", bos=False, eos=False)
+        self.stop_reasons: Dict[int, str] = {t: "eot" for t in tokenizer.stop_tokens}
 
     def encode_message(self, message: Message) -> List[int]:
         body = self.tokenizer.encode(f"{message['role']}\n{message['content']}", bos=False, eos=False)
         return [self.im_start_id, *body, self.im_end_id, *self.newline]
 
-    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
-        """Token ids of the whole dialog, ending with an open assistant turn."""
+    def encode_dialog_prompt(
+        self,
+        dialog: Dialog,
+        tools: Optional[Sequence[dict]] = None,
+        tool_choice: Union[str, dict] = "auto",
+        tool_format: Optional[str] = None,
+        today: Optional[date] = None,
+    ) -> List[int]:
+        """Token ids of the whole dialog, ending with an open assistant turn.
+
+        Args: as `ChatFormat.encode_dialog_prompt`'s; tool_format can only be
+        "hermes", and `today` is not used (the prompt states no date).
+        """
+        _tool_format(tool_format, self.tool_formats)
         validate_dialog(dialog)
-        messages = list(dialog)
+        tools, instruction = apply_tool_choice(normalize_tools(tools, "hermes"), tool_choice)
+        messages = _hermes_messages(dialog)
         if self.default_system_prompt is not None and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": self.default_system_prompt})
+        if tools:
+            system = messages.pop(0)["content"] if messages and messages[0]["role"] == "system" else None
+            prompt = render_tool_prompt("hermes", tools, system, instruction)
+            messages.insert(0, {"role": "system", "content": prompt.system})
         tokens = [self.tokenizer.bos_id] if self.tokenizer.config.add_bos else []
         for message in messages:
             tokens.extend(self.encode_message(message))
         tokens.append(self.im_start_id)
         tokens.extend(self.tokenizer.encode("assistant\n", bos=False, eos=False))
         return tokens
+
+    def parse_reply(
+        self, text: str, tools: Optional[Sequence[dict]] = None, tool_format: Optional[str] = None
+    ) -> AssistantMessage:
+        """As `ChatFormat.parse_reply`: the reply's <tool_call> blocks read out, the rest its content."""
+        _tool_format(tool_format, self.tool_formats)
+        return parse_reply(text, normalize_tools(tools, "hermes"), "hermes")
+
+    def stop_reason(self, token: int) -> Optional[str]:
+        """"eot" for a token that ends the turn, else None."""
+        return self.stop_reasons.get(token)
+
+
+def _hermes_messages(dialog: Dialog) -> List[Message]:
+    """The dialog as plain ChatML messages: calls written into the assistant's text,
+    each run of tool results merged into one user message."""
+    messages: List[Message] = []
+    for is_result, run in groupby(enumerate(dialog), key=lambda item: item[1]["role"] == "tool"):
+        run = list(run)
+        if is_result:
+            messages.append({"role": "user", "content": hermes_tool_results([m["content"] for _, m in run])})
+            continue
+        for i, message in run:
+            if message.get("tool_calls"):
+                calls = "".join(render_calls("hermes", read_tool_calls(message, i)))
+                text = message.get("content")
+                message = {"role": "assistant", "content": f"{text}\n{calls}" if text else calls}
+            messages.append(message)
+    return messages
 
 
 # Llama 2's turn and system-prompt tags: plain text, not special tokens.
@@ -139,12 +307,14 @@ class Llama2ChatFormat:
     message instead of generating, as the reference does.
     """
 
+    tool_formats = ()  # Llama 2 calls no tools
+
     def __init__(self, tokenizer: "Tokenizer"):
         self.tokenizer = tokenizer
 
     def refusal(self, dialog: Dialog) -> Optional[str]:
         """The answer to give instead of generating, for a dialog whose text holds Llama 2's tags; else None."""
-        if any(tag in message["content"] for message in dialog for tag in LLAMA2_SPECIAL_TAGS):
+        if any(tag in (message.get("content") or "") for message in dialog for tag in LLAMA2_SPECIAL_TAGS):
             return LLAMA2_UNSAFE_ERROR
         return None
 
@@ -156,6 +326,8 @@ class Llama2ChatFormat:
                 and assistant alternating, ending with user.
         """
         validate_dialog(dialog)
+        if any(message.get("tool_calls") for message in dialog):
+            raise ValueError("Llama 2's chat format has no tool calls: its assistant messages hold text only")
         roles = [message["role"] for message in dialog]
         turns = roles[1:] if roles[0] == "system" else roles
         if turns != ["user", "assistant"] * (len(turns) // 2) + ["user"]:
@@ -182,6 +354,8 @@ class Llama2ChatFormat:
 
 class NoChatFormat:
     """For base models converted without a chat template: text completion only."""
+
+    tool_formats = ()
 
     def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
         raise ValueError(
