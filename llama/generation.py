@@ -141,6 +141,8 @@ class Llama:
 
             transform = skeleton_transform(read_quantization({"quantization": quantization}))
         model = load_model(shards[fs_init.get_model_parallel_rank()], args, device, dtype, transform)
+        if quantization is None:  # float weights: one matmul for wq, wk, wv and one for w1, w3 in each layer
+            model.fuse_projections()
         if quantize is not None:
             if quantization is not None:
                 raise ValueError(f"{ckpt_dir} is already quantized ({quantization['mode']}): build it without quantize=")

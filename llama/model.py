@@ -227,14 +227,27 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep
         )
+        self.wqkv: Optional[nn.Module] = None  # wq, wk, wv as one matmul, after fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Replaces wq, wk, wv by one linear, wqkv, holding their weights stacked (gpt-fast's layout):
+        the same three products from one pass over x. The checkpoint keeps Meta's three names; this
+        runs once it is loaded."""
+        self.wqkv = fused_column_linear([self.wq, self.wk, self.wv])
+        self.wq = self.wk = self.wv = None
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor], kv_len: int
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape  # (B, T, D)
-        q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, T, H, hd)
-        k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:  # fused: (B, T, (H + 2 Hkv) * hd), split
+            kv_width = self.n_local_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_local_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        q = q.view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (B, T, H, hd)
+        k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
 
         # Heads first for attention: (B, H, T, hd); the cache returns (B, Hkv, S, hd).
@@ -280,6 +293,21 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
     return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
 
 
+def fused_column_linear(linears: list) -> ColumnParallelLinear:
+    """One column-parallel linear computing what `linears` (fairscale's, on the same input) compute,
+    their outputs concatenated: its local weight is theirs stacked, so on every rank it holds that
+    rank's slice of each, and its output splits into theirs."""
+    if not all(type(linear) is ColumnParallelLinear for linear in linears):
+        raise TypeError("only fairscale's float ColumnParallelLinear layers fuse (fuse before quantizing)")
+    weight = torch.cat([linear.weight for linear in linears])  # (Σ local out features, in features)
+    world_size = fs_init.get_model_parallel_world_size()
+    with torch.device("meta"):  # allocates nothing: the weight is set below
+        fused = ColumnParallelLinear(weight.shape[1], weight.shape[0] * world_size, bias=False,
+                                     gather_output=False, init_method=_keep)
+    fused.weight = nn.Parameter(weight, requires_grad=linears[0].weight.requires_grad)
+    return fused
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
         super().__init__()
@@ -288,9 +316,19 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w13: Optional[nn.Module] = None  # w1 and w3 as one matmul, after fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Replaces w1 and w3 by one linear, w13, holding both weights stacked (see Attention's)."""
+        self.w13 = fused_column_linear([self.w1, self.w3])
+        self.w1 = self.w3 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)
+        else:  # fused: (B, T, 2 * hidden), split
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)  # SwiGLU
 
 
 class TransformerBlock(nn.Module):
@@ -342,6 +380,15 @@ class Transformer(nn.Module):
         # Twice the context, as in the reference, so positions never run off the table.
         rope = precompute_rope(self.params.head_dim, 2 * max_seq_len, self.params.rope_theta, self.params.use_scaled_rope)
         self.register_buffer("rope", rope.to(weight.device), persistent=False)
+
+    def fuse_projections(self) -> "Transformer":
+        """In every layer, one matmul for wq, wk, wv and one for w1, w3 (`Attention.fuse_projections`):
+        the same logits from fewer, wider matmuls. Call it once the weights are loaded, before any
+        quantization; returns the model."""
+        for layer in self.layers:
+            layer.attention.fuse_projections()
+            layer.feed_forward.fuse_projections()
+        return self
 
     def reorder_cache(self, rows: torch.Tensor):
         """Cache row i takes the keys and values of row rows[i] (a (n,) long tensor), in every layer."""

@@ -174,3 +174,19 @@ def test_reading_the_whole_cache_equals_reading_the_filled_part(tmp_path, bsz):
         model(tokens[:, :5], 0)
         static = model(tokens[:, 5:], torch.full((bsz,), 5), kv_len=32)
     assert (static - exact).abs().max().item() <= 1e-5
+
+
+def test_fused_projections_give_the_same_logits(tmp_path):
+    """fuse_projections (one wqkv and one w13 matmul per layer) against the three and two separate
+    projections of Meta's layout: prefill and cached decode steps, grouped-query attention."""
+    params = CONFIGS["gqa-scaled-rope"]
+    state = random_state_dict(params, seed=4)
+    separate = our_model(tmp_path, params, state, max_seq_len=64)
+    fused = our_model(tmp_path, params, state, max_seq_len=64).fuse_projections()
+    assert fused.layers[0].attention.wq is None and fused.layers[0].feed_forward.w13 is not None
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in separate.parameters())
+    tokens = torch.randint(0, params["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for start, chunk in ((0, tokens[:, :10]), (10, tokens[:, 10:11]), (11, tokens[:, 11:])):
+            max_diff = (fused(chunk, start) - separate(chunk, start)).abs().max().item()
+            assert max_diff <= 1e-5, f"max |Δlogits| from position {start} = {max_diff:.2e}"
