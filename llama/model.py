@@ -277,11 +277,22 @@ def decode_attention(
     bsz, n_heads, _, head_dim = q.shape
     n_kv_heads = keys.shape[1]
     grouped = q.view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (B, Hkv, H/Hkv, hd)
-    scores = (grouped @ keys.transpose(2, 3)).float() / math.sqrt(head_dim)  # (B, Hkv, H/Hkv, S)
+    # Compiled on CPU, both products are written as multiply-and-sums, which inductor fuses with the
+    # softmax into its own loops; otherwise they are batched matmuls.
+    as_sums = torch.compiler.is_compiling() and q.device.type == "cpu"
+    if as_sums:
+        scores = (grouped[:, :, :, None, :] * keys[:, :, None]).sum(-1)  # (B, Hkv, H/Hkv, S)
+    else:
+        scores = grouped @ keys.transpose(2, 3)  # (B, Hkv, H/Hkv, S)
+    scores = scores.float() / math.sqrt(head_dim)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # mask broadcasts as (B or 1, 1, 1, S)
     probs = torch.softmax(scores, dim=-1).type_as(values)
-    return (probs @ values).view(bsz, n_heads, 1, head_dim)  # (B, Hkv, H/Hkv, hd) -> (B, H, 1, hd)
+    if as_sums:
+        out = (probs[..., None] * values[:, :, None]).sum(-2)  # (B, Hkv, H/Hkv, S, hd) summed over S
+    else:
+        out = probs @ values  # (B, Hkv, H/Hkv, hd)
+    return out.view(bsz, n_heads, 1, head_dim)  # (B, H, 1, hd)
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:

@@ -43,9 +43,15 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return funcol.all_gather_tensor(x, x.dim() - 1, fs_init.get_model_parallel_group())
 
 
+def compiling_one_row(x: torch.Tensor) -> bool:
+    """Whether a matmul of x is being compiled for one row of activations on the CPU, where it is
+    best written as a multiply-and-sum (`linear`, and the int8 linear's dequantize-and-sum)."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x Wᵀ: (..., K) x (N, K) -> (..., N)."""
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+    if compiling_one_row(x):
         return (x[..., None, :] * weight).sum(-1)  # (..., 1, K) * (N, K) summed over K, never materialized
     return F.linear(x, weight)
 

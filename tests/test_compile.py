@@ -1,5 +1,11 @@
 """The compiled decode step (`Llama.build(..., compile=True)`) against eager decoding."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from llama import Llama
@@ -19,10 +25,10 @@ def test_compilable_twins_compute_what_fairscale_computes(tmp_path):
 
 
 def test_compiled_greedy_tokens_equal_eager(tiny_checkpoints, llama3_tokenizer_path):
-    """One compilation (the first call pays ~30 s on 2 cores), then batches of equal and of mixed
-    prompt lengths, and a single prompt: the same greedy tokens as eager decoding."""
+    """Batches of equal and of mixed prompt lengths (3 rows, run in a bucket of 4: one filler row),
+    and a single prompt: the same greedy tokens as eager decoding."""
     build = dict(ckpt_dir=tiny_checkpoints["gqa"], tokenizer_path=llama3_tokenizer_path, max_seq_len=48,
-                 max_batch_size=3)
+                 max_batch_size=4)
     eager = Llama.build(**build)
     compiled = Llama.build(**build, compile=True)
     batches = [
@@ -45,3 +51,34 @@ def test_compiled_int8_greedy_tokens_equal_eager_int8(tiny_checkpoints, llama3_t
     compiled = Llama.build(**build, compile=True)
     prompts = [[128000, 791, 6864, 315], [128000, 9906, 11, 1268, 527, 499]]
     assert compiled.generate(prompts, 12, temperature=0) == eager.generate(prompts, 12, temperature=0)
+
+
+DECODE_IN_A_NEW_PROCESS = """
+import json, sys, torch
+from llama import Llama
+build = dict(ckpt_dir=sys.argv[1], tokenizer_path=sys.argv[2], max_seq_len=32, max_batch_size=2)
+graphs = torch._dynamo.utils.counters["stats"]
+compiled = Llama.build(**build, compile=True).generate([[128000, 791, 6864, 315]], 10, temperature=0)
+print(json.dumps({"tokens": compiled[0], "unique_graphs": graphs["unique_graphs"],
+                  "eager": Llama.build(**build).generate([[128000, 791, 6864, 315]], 10, temperature=0)[0],
+                  "fx_hits": torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"],
+                  "fx_misses": torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+def test_a_second_process_loads_the_compiled_step_from_the_cache(tiny_checkpoints, llama3_tokenizer_path, tmp_path):
+    """Regional compilation keeps the weights out of the compiled graphs, so inductor's on-disk cache
+    serves a later process: it compiles nothing, and decodes the tokens eager decoding gives. The
+    model's two blocks share one graph: one for the blocks, one for the output projection."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    runs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", DECODE_IN_A_NEW_PROCESS, str(tiny_checkpoints["gqa"]),
+                                 str(llama3_tokenizer_path)], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["tokens"] == first["eager"] == second["tokens"]
+    assert first["unique_graphs"] == 2
+    assert first["fx_misses"] == 2 and second["fx_misses"] == 0 and second["fx_hits"] == 2

@@ -157,9 +157,13 @@ class ModelRunner:
                 every_position: bool = False) -> torch.Tensor:
         """Writes prompt i into cache row i, from position starts[i] on (0 by default; the positions
         before hold a cached prefix); returns fp32 logits (k, V) at each prompt's last position, or
-        with every_position (one prompt) the logits (L, V) after every position."""
+        with every_position (one prompt) the logits (L, V) after every position. Always eager:
+        prompts come in every length, and the compiled code is the decode step's."""
+        with torch.compiler.set_stance("force_eager") if self.compiled else nullcontext():
+            return self._prefill(prompts, starts or [0] * len(prompts), every_position)
+
+    def _prefill(self, prompts: List[List[int]], starts: List[int], every_position: bool) -> torch.Tensor:
         lengths = [len(p) for p in prompts]
-        starts = starts or [0] * len(prompts)
         padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=self.device)  # (k, L), 0 = filler
         for row, prompt in enumerate(prompts):
             padded[row, : len(prompt)] = torch.tensor(prompt, device=self.device)
@@ -168,8 +172,7 @@ class ModelRunner:
         else:
             start = torch.tensor(starts, dtype=torch.long, device=self.device)  # (k,)
         kv_len = max(s + n for s, n in zip(starts, lengths))
-        with torch.compiler.set_stance("force_eager") if self.compiled else nullcontext():  # prompts vary: eager
-            hidden = self.model.forward_hidden(padded, start, kv_len=kv_len)  # (k, L, D)
+        hidden = self.model.forward_hidden(padded, start, kv_len=kv_len)  # (k, L, D)
         if every_position:
             return self.model.output(hidden).float()[0]  # (L, V)
         last = torch.tensor(lengths, device=self.device) - 1
