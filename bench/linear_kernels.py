@@ -11,7 +11,7 @@ Three ways to run it, in one process, median of 5 calls after a warm-up:
   compiled   torch.compile of F.linear (inductor calls MKL's matmul)
   reduction  torch.compile of `llama.parallel.linear`, what the library's compiled decode
              step runs: for one row, a multiply-and-sum that inductor generates as one
-             vectorized reduction (for more rows it is F.linear, as `compiled`)
+             vectorized loop over the weight's rows (`streamed_matmul`); for more, F.linear
 
 and, for reference, a plain `sum()` over a 256 MiB fp32 tensor: the memory's read
 bandwidth. Reported as GB/s of weight bytes and as a ratio to eager.

@@ -351,6 +351,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
+    # Compiled (the CPU decode step), the blocks are traced and compiled once and that code is run for
+    # every layer: the first compilation takes seconds instead of minutes. In eager mode, a no-op.
+    @torch.compiler.nested_compile_region
     def forward(self, x, positions, rope, mask, kv_len):
         h = x + self.attention(self.attention_norm(x), positions, rope, mask, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))

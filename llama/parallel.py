@@ -10,8 +10,8 @@ model, as quantization does; eager models keep fairscale's layers.
 On one rank every collective is skipped, as fairscale does.
 
 The twins' matmul is `linear`: compiled for one row of activations on the CPU (a
-batch-1 decode step) it is written as a multiply-and-sum, which inductor turns into
-one vectorized reduction streaming the weight at about the memory's bandwidth,
+batch-1 decode step) it is written as a multiply-and-sum (`streamed_matmul`), which
+inductor turns into one vectorized loop streaming the weight at about the memory's bandwidth,
 where MKL's fp32 matrix-vector product reaches half of it on AMD CPUs
 (`python -m bench.linear_kernels`).
 """
@@ -44,16 +44,22 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
 
 
 def compiling_one_row(x: torch.Tensor) -> bool:
-    """Whether a matmul of x is being compiled for one row of activations on the CPU, where it is
-    best written as a multiply-and-sum (`linear`, and the int8 linear's dequantize-and-sum)."""
+    """Whether a matmul of x is being compiled on the CPU for one row of activations (a batch-1
+    decode step), where `streamed_matmul` beats MKL's matrix-vector product."""
     return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
+
+
+def streamed_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ for one row, (..., K) x (N, K) -> (..., N), written as a multiply-and-sum over K.
+    Compiled, it is one vectorized loop over the weight's rows, each read from memory once, at about
+    the memory's bandwidth; a dtype conversion of `weight` (int8 -> fp32) fuses into the same loop.
+    (For several rows inductor vectorizes that loop across the rows instead, slower than MKL.)"""
+    return (x[..., None, :] * weight).sum(-1)  # (..., 1, K) * (N, K) summed over K, never materialized
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x Wᵀ: (..., K) x (N, K) -> (..., N)."""
-    if compiling_one_row(x):
-        return (x[..., None, :] * weight).sum(-1)  # (..., 1, K) * (N, K) summed over K, never materialized
-    return F.linear(x, weight)
+    return streamed_matmul(x, weight) if compiling_one_row(x) else F.linear(x, weight)
 
 
 class ColumnParallel(nn.Module):

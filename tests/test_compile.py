@@ -42,15 +42,20 @@ def test_compiled_greedy_tokens_equal_eager(tiny_checkpoints, llama3_tokenizer_p
     assert compiled.generate(single, 40, temperature=0) == eager.generate(single, 40, temperature=0)
 
 
-def test_compiled_int8_greedy_tokens_equal_eager_int8(tiny_checkpoints, llama3_tokenizer_path):
-    """Quantized modules trace too: compile=True with quantize="int8" (the fastest CPU configuration
-    in bench/) gives the greedy tokens of the eager int8 model."""
+def test_compiled_int8_greedy_tokens_equal_eager_int8(tiny_checkpoints, llama3_tokenizer_path, monkeypatch):
+    """Quantized modules trace too: compile=True with quantize="int8" decodes the greedy tokens of the
+    eager int8 model. The compiled step multiplies fp32 activations by the int8 weights (converted as
+    they stream), so the eager model it is held to runs the same arithmetic: int8 weights dequantized
+    to fp32, not the CPU kernel that rounds activations to bf16."""
+    import llama.quantize.modules as modules
+
+    monkeypatch.setattr(modules, "_has_aten", lambda name: False)  # eager int8 in fp32
     build = dict(ckpt_dir=tiny_checkpoints["gqa"], tokenizer_path=llama3_tokenizer_path, max_seq_len=32,
                  max_batch_size=2, quantize="int8")
     eager = Llama.build(**build)
     compiled = Llama.build(**build, compile=True)
-    prompts = [[128000, 791, 6864, 315], [128000, 9906, 11, 1268, 527, 499]]
-    assert compiled.generate(prompts, 12, temperature=0) == eager.generate(prompts, 12, temperature=0)
+    for prompts in ([[128000, 791, 6864, 315], [128000, 9906, 11, 1268, 527, 499]], [[128000, 40, 1097]]):
+        assert compiled.generate(prompts, 12, temperature=0) == eager.generate(prompts, 12, temperature=0)
 
 
 DECODE_IN_A_NEW_PROCESS = """
@@ -67,9 +72,8 @@ print(json.dumps({"tokens": compiled[0], "unique_graphs": graphs["unique_graphs"
 
 
 def test_a_second_process_loads_the_compiled_step_from_the_cache(tiny_checkpoints, llama3_tokenizer_path, tmp_path):
-    """Regional compilation keeps the weights out of the compiled graphs, so inductor's on-disk cache
-    serves a later process: it compiles nothing, and decodes the tokens eager decoding gives. The
-    model's two blocks share one graph: one for the blocks, one for the output projection."""
+    """The compiled step keeps the weights out of its graph, so inductor's on-disk cache serves a later
+    process: it compiles nothing, and decodes the tokens eager decoding gives."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     runs = []
@@ -80,5 +84,5 @@ def test_a_second_process_loads_the_compiled_step_from_the_cache(tiny_checkpoint
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
     first, second = runs
     assert first["tokens"] == first["eager"] == second["tokens"]
-    assert first["unique_graphs"] == 2
-    assert first["fx_misses"] == 2 and second["fx_misses"] == 0 and second["fx_hits"] == 2
+    assert first["unique_graphs"] == 1
+    assert first["fx_misses"] >= 1 and second["fx_misses"] == 0 and second["fx_hits"] == first["fx_misses"]

@@ -15,7 +15,6 @@ Shapes: B rows in a step, k prompts, L longest prompt, V vocabulary, D model dim
 """
 
 import logging
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -27,25 +26,21 @@ from llama.parallel import make_compilable
 
 logger = logging.getLogger(__name__)
 
-def compile_decode_step(model: Transformer, step: Callable[..., torch.Tensor],
-                        device: torch.device) -> Callable[..., torch.Tensor]:
+def compile_decode_step(step: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:
     """The decode step, compiled for static shapes (one token per row, the whole cache read under
-    a mask), once per batch size.
+    a mask), once per batch bucket (`batch_bucket`).
 
-    On GPUs the whole step is compiled and replayed as a CUDA graph. On CPU each transformer block
-    and the output projection are compiled on their own ("regional" compilation): the blocks are
-    one piece of code with different weights, so they share one compiled graph, and the first
-    compilation takes seconds, not the minutes of a 30-layer graph. The weights stay inputs of
-    that graph (nothing is frozen into it), so inductor's on-disk caches apply and a later process
-    loads the compiled code instead of compiling it again (`TORCHINDUCTOR_CACHE_DIR`, by default
-    /tmp/torchinductor_$USER). Batch-1 matmuls compile to streaming reductions (`llama.parallel.linear`).
+    On GPUs it is replayed as a CUDA graph. On CPU the transformer blocks are one nested compile
+    region (`TransformerBlock.forward`): traced and compiled once, their code runs for every layer,
+    so the first compilation takes seconds, not the minutes of a 30-layer graph. The weights stay
+    inputs of the graph (nothing is frozen into it), so inductor's on-disk caches apply and a later
+    process loads the compiled code instead of compiling it again (`TORCHINDUCTOR_CACHE_DIR`, by
+    default /tmp/torchinductor_$USER). Batch-1 matmuls compile to streaming loops
+    (`llama.parallel.streamed_matmul`).
     """
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    for layer in model.layers:
-        layer.compile(fullgraph=True, dynamic=False)
-    model.output.compile(fullgraph=True, dynamic=False)
-    return step
+    return torch.compile(step, fullgraph=True, dynamic=False)
 
 
 def batch_bucket(rows: int, max_batch_size: int) -> int:
@@ -93,7 +88,7 @@ class ModelRunner:
         self._decode = self._decode_rows
         if compile:
             make_compilable(model)  # fairscale's layers -> traceable twins with the same weights
-            self._decode = compile_decode_step(model, self._decode_rows, self.device)
+            self._decode = compile_decode_step(self._decode_rows, self.device)
 
     # --- Lockstep under torchrun ---
 
@@ -158,11 +153,8 @@ class ModelRunner:
         """Writes prompt i into cache row i, from position starts[i] on (0 by default; the positions
         before hold a cached prefix); returns fp32 logits (k, V) at each prompt's last position, or
         with every_position (one prompt) the logits (L, V) after every position. Always eager:
-        prompts come in every length, and the compiled code is the decode step's."""
-        with torch.compiler.set_stance("force_eager") if self.compiled else nullcontext():
-            return self._prefill(prompts, starts or [0] * len(prompts), every_position)
-
-    def _prefill(self, prompts: List[List[int]], starts: List[int], every_position: bool) -> torch.Tensor:
+        prompts come in every length."""
+        starts = starts or [0] * len(prompts)
         lengths = [len(p) for p in prompts]
         padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=self.device)  # (k, L), 0 = filler
         for row, prompt in enumerate(prompts):

@@ -18,7 +18,7 @@ from fairscale.nn.model_parallel.layers import (
 from fairscale.nn.model_parallel.mappings import scatter_to_model_parallel_region
 from torch import nn
 
-from llama.parallel import all_gather_last_dim, all_reduce, compiling_one_row
+from llama.parallel import all_gather_last_dim, all_reduce, compiling_one_row, streamed_matmul
 from llama.quantize.kernels import (
     DEFAULT_GROUP_SIZE,
     INT4_GROUP_SIZES,
@@ -109,8 +109,8 @@ class Int8Linear(QuantizedLinear):
         return self.weight.float() * self.scales.float()[:, None]  # (N, K)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if compiling_one_row(x):  # one fused pass over the int8 weight, dequantized as it is read
-            return (x[..., None, :] * self.weight.to(x.dtype)).sum(-1) * self.scales.to(x.dtype)  # (..., N)
+        if compiling_one_row(x):  # one pass over the int8 weight, converted as it is read
+            return streamed_matmul(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., N)
         if x.device.type == "cpu" and _has_aten("_weight_int8pack_mm"):
             # The CPU kernel streams int8 weights fast only for bf16 activations (~12x slower for fp32).
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
