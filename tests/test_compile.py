@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from llama import Llama
@@ -42,16 +43,12 @@ def test_compiled_greedy_tokens_equal_eager(tiny_checkpoints, llama3_tokenizer_p
     assert compiled.generate(single, 40, temperature=0) == eager.generate(single, 40, temperature=0)
 
 
-def test_compiled_int8_greedy_tokens_equal_eager_int8(tiny_checkpoints, llama3_tokenizer_path, monkeypatch):
-    """Quantized modules trace too: compile=True with quantize="int8" decodes the greedy tokens of the
-    eager int8 model. The compiled step multiplies fp32 activations by the int8 weights (converted as
-    they stream), so the eager model it is held to runs the same arithmetic: int8 weights dequantized
-    to fp32, not the CPU kernel that rounds activations to bf16."""
-    import llama.quantize.modules as modules
-
-    monkeypatch.setattr(modules, "_has_aten", lambda name: False)  # eager int8 in fp32
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_greedy_tokens_equal_eager(tiny_checkpoints, llama3_tokenizer_path, mode):
+    """Quantized modules trace too: compile=True with quantize="int8" or "int4" gives the greedy tokens
+    of the eager quantized model, in a batch and alone."""
     build = dict(ckpt_dir=tiny_checkpoints["gqa"], tokenizer_path=llama3_tokenizer_path, max_seq_len=32,
-                 max_batch_size=2, quantize="int8")
+                 max_batch_size=2, quantize=mode)
     eager = Llama.build(**build)
     compiled = Llama.build(**build, compile=True)
     for prompts in ([[128000, 791, 6864, 315], [128000, 9906, 11, 1268, 527, 499]], [[128000, 40, 1097]]):

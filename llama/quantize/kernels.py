@@ -97,3 +97,17 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         cols = slice(start, start + 1024)
         out += (a[:, cols].float() @ b[:, cols].float().T).to(torch.int32)
     return out
+
+
+@torch.library.custom_op("llama::int4pack_mm_cpu", mutates_args=())
+def int4pack_mm_cpu(x: torch.Tensor, weight: torch.Tensor, group_size: int,
+                    scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """`aten._weight_int4pack_mm_for_cpu` (x (M, K) bf16, CPU-packed int4 weight -> (M, N) bf16) as an
+    opaque op: torch.compile calls it as it is. Inductor's own lowering of the aten op fails inside
+    the decode step's nested compile region ("group size must be a scalar", torch 2.13)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group_size, scales_and_zeros)
+
+
+@int4pack_mm_cpu.register_fake
+def _(x, weight, group_size, scales_and_zeros):
+    return x.new_empty(x.shape[0], weight.shape[0])

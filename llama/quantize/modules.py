@@ -18,11 +18,12 @@ from fairscale.nn.model_parallel.layers import (
 from fairscale.nn.model_parallel.mappings import scatter_to_model_parallel_region
 from torch import nn
 
-from llama.parallel import all_gather_last_dim, all_reduce, compiling_one_row, streamed_matmul
+from llama.parallel import all_gather_last_dim, all_reduce
 from llama.quantize.kernels import (
     DEFAULT_GROUP_SIZE,
     INT4_GROUP_SIZES,
     dequantize_int4,
+    int4pack_mm_cpu,
     int8_matmul,
     pack_nibbles,
     quantize_int4_groups,
@@ -109,8 +110,6 @@ class Int8Linear(QuantizedLinear):
         return self.weight.float() * self.scales.float()[:, None]  # (N, K)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if compiling_one_row(x):  # one pass over the int8 weight, converted as it is read
-            return streamed_matmul(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # (..., N)
         if x.device.type == "cpu" and _has_aten("_weight_int8pack_mm"):
             # The CPU kernel streams int8 weights fast only for bf16 activations (~12x slower for fp32).
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
@@ -210,7 +209,7 @@ class Int4Linear(QuantizedLinear):
                                    f"{x.device.type} device instead of moving the module")
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
             sz = self.scales_and_zeros.to(torch.bfloat16)
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
+            out = int4pack_mm_cpu(x2, self.weight, self.group_size, sz)
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (B, T, N)
         return F.linear(x, self.dequantize().to(x.dtype))
 
