@@ -155,6 +155,7 @@ class Engine:
 
     # --- The step ---
 
+    @torch.inference_mode()
     def step(self) -> List[TokenOutput]:
         """Prefills the waiting requests that fit, or else decodes one token for every running sequence.
 
