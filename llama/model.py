@@ -312,9 +312,9 @@ def fused_column_linear(linears: list) -> ColumnParallelLinear:
         raise TypeError("only fairscale's float ColumnParallelLinear layers fuse (fuse before quantizing)")
     weight = torch.cat([linear.weight for linear in linears])  # (Σ local out features, in features)
     world_size = fs_init.get_model_parallel_world_size()
-    with torch.device("meta"):  # allocates nothing: the weight is set below
-        fused = ColumnParallelLinear(weight.shape[1], weight.shape[0] * world_size, bias=False,
-                                     gather_output=False, init_method=_keep)
+    # fairscale allocates an (uninitialized, untouched) CPU weight of this shape; it is replaced below.
+    fused = ColumnParallelLinear(weight.shape[1], weight.shape[0] * world_size, bias=False,
+                                 gather_output=False, init_method=_keep)
     fused.weight = nn.Parameter(weight, requires_grad=linears[0].weight.requires_grad)
     return fused
 
