@@ -100,6 +100,17 @@ class OursEngine(Engine):
         return Run(time.perf_counter() - t0, rows, sum(map(len, rows)))
 
 
+def left_padded(prompts: List[List[int]], pad_id: int):
+    """(ids, attention mask), both (B, longest prompt): transformers' way of batching prompts."""
+    length = max(map(len, prompts))
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = torch.tensor(prompt)
+        mask[row, length - len(prompt) :] = 1
+    return ids, mask
+
+
 class TransformersEngine(Engine):
     """transformers' `generate` on the same GGUF, dequantized to the same dtype."""
 
@@ -131,13 +142,8 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def run(self, prompts: List[List[int]], n: int) -> Run:
-        # Left-padded batch with an attention mask: transformers' way of batching prompts.
-        length = max(map(len, prompts))
-        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, length - len(prompt) :] = torch.tensor(prompt)
-            mask[row, length - len(prompt) :] = 1
+        ids, mask = left_padded(prompts, self.pad_id)
+        length = ids.shape[1]
         ids, mask = ids.to(self.device), mask.to(self.device)
         self.sync()
         t0 = time.perf_counter()

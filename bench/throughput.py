@@ -33,7 +33,7 @@ from typing import Callable, Dict, List
 import torch
 from tqdm import tqdm
 
-from bench.engines import LlamaCppEngine, TransformersEngine
+from bench.engines import LlamaCppEngine, TransformersEngine, left_padded
 from bench.meters import machine_info
 from llama.default_model import default_gguf_path, ensure_default_model
 
@@ -122,12 +122,7 @@ def transformers_static(peer: TransformersEngine) -> Callable:
 
     @torch.inference_mode()
     def generate_batch(prompts, n, on_first_token):
-        length = max(map(len, prompts))
-        ids = torch.full((len(prompts), length), peer.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids[row, length - len(prompt):] = torch.tensor(prompt)
-            mask[row, length - len(prompt):] = 1
+        ids, mask = left_padded(prompts, peer.pad_id)
         peer.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, temperature=None, top_p=None,
                             top_k=None, max_new_tokens=n, min_new_tokens=n, pad_token_id=peer.pad_id,
                             streamer=FirstToken(on_first_token))
