@@ -77,8 +77,10 @@ def validate_dialog(dialog: Dialog) -> None:
             raise ValueError(f"message {i} ({message['role']}) has empty content")
 
 
-def _tool_format(name: Optional[str], supported: Sequence[str]) -> str:
+def choose_tool_format(name: Optional[str], supported: Sequence[str]) -> str:
     """The tool format asked for, checked against a chat format's; None: its first (default)."""
+    if not supported:
+        raise ValueError("this model's chat format has no tool calling (Llama 2, or no chat template)")
     if name is None:
         return supported[0]
     if name not in supported:
@@ -157,7 +159,7 @@ class ChatFormat:
         Raises:
             ValueError: a malformed dialog, tool definition or tool_choice.
         """
-        tool_format = _tool_format(tool_format, self.tool_formats)
+        tool_format = choose_tool_format(tool_format, self.tool_formats)
         validate_dialog(dialog)
         tools, instruction = apply_tool_choice(normalize_tools(tools, tool_format), tool_choice)
         messages = list(dialog)
@@ -181,7 +183,7 @@ class ChatFormat:
     ) -> AssistantMessage:
         """The assistant message of a generated reply, with the calls it makes to `tools`
         (the tools its prompt showed; None or []: no calls are read)."""
-        tool_format = _tool_format(tool_format, self.tool_formats)
+        tool_format = choose_tool_format(tool_format, self.tool_formats)
         return parse_reply(text, normalize_tools(tools, tool_format), tool_format)
 
     def stop_reason(self, token: int) -> Optional[str]:
@@ -240,7 +242,7 @@ class ChatMLFormat:
         Args: as `ChatFormat.encode_dialog_prompt`'s; tool_format can only be
         "hermes", and `today` is not used (the prompt states no date).
         """
-        _tool_format(tool_format, self.tool_formats)
+        choose_tool_format(tool_format, self.tool_formats)
         validate_dialog(dialog)
         tools, instruction = apply_tool_choice(normalize_tools(tools, "hermes"), tool_choice)
         messages = _hermes_messages(dialog)
@@ -261,7 +263,7 @@ class ChatMLFormat:
         self, text: str, tools: Optional[Sequence[dict]] = None, tool_format: Optional[str] = None
     ) -> AssistantMessage:
         """As `ChatFormat.parse_reply`: the reply's <tool_call> blocks read out, the rest its content."""
-        _tool_format(tool_format, self.tool_formats)
+        choose_tool_format(tool_format, self.tool_formats)
         return parse_reply(text, normalize_tools(tools, "hermes"), "hermes")
 
     def stop_reason(self, token: int) -> Optional[str]:

@@ -10,6 +10,9 @@
     llama_requests_waiting / llama_requests_running / llama_sequences_running
     llama_kv_cache_usage_ratio              positions held by running sequences / all positions of the cache
     llama_prefix_cache_hit_rate             prompt tokens found in the prefix cache / prompt tokens looked up
+    llama_spec_decode_draft_tokens_total    speculative decoding: draft tokens proposed ...
+    llama_spec_decode_accepted_tokens_total ... and kept
+    llama_spec_decode_acceptance_rate       kept / proposed, since the start (0 before any draft)
 
 Names follow vLLM's (`vllm:time_to_first_token_seconds`, ...) under our prefix. Each app has
 its own registry: two servers in one process (tests) do not share counts.
@@ -30,7 +33,7 @@ class ServerMetrics:
 
     Args:
         snapshot: returns the scheduler's state now: {"waiting", "running", "sequences", "kv_cache_usage",
-            "prefix_cache_hit_rate"}.
+            "prefix_cache_hit_rate", "spec_decode_acceptance_rate"}.
     """
 
     def __init__(self, snapshot: Callable[[], dict]):
@@ -45,12 +48,17 @@ class ServerMetrics:
                               registry=r, buckets=TOKEN_BUCKETS)
         self.e2e = Histogram("llama_e2e_request_latency_seconds", "Submission to the end of a request", registry=r,
                              buckets=E2E_BUCKETS)
+        self.draft_tokens = Counter("llama_spec_decode_draft_tokens", "Speculative decoding: draft tokens proposed",
+                                    registry=r)
+        self.accepted_tokens = Counter("llama_spec_decode_accepted_tokens",
+                                       "Speculative decoding: draft tokens kept", registry=r)
         gauges = {
             "waiting": ("llama_requests_waiting", "Requests waiting for rows"),
             "running": ("llama_requests_running", "Requests in the batch"),
             "sequences": ("llama_sequences_running", "Sequences (rows) in the batch"),
             "kv_cache_usage": ("llama_kv_cache_usage_ratio", "KV-cache positions held by running sequences"),
             "prefix_cache_hit_rate": ("llama_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache"),
+            "spec_decode_acceptance_rate": ("llama_spec_decode_acceptance_rate", "Draft tokens kept / proposed"),
         }
         for key, (name, documentation) in gauges.items():
             Gauge(name, documentation, registry=r).set_function(lambda key=key: snapshot()[key])

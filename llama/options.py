@@ -3,6 +3,7 @@
     --ckpt-dir, --tokenizer     the checkpoint (default: the bundled SmolLM2-135M-Instruct)
     --device, --dtype           where and in what precision the weights live
     --quantize, --compile       optional transforms of the loaded model
+    --speculative, --draft      speculative decoding (`llama.engine.speculative`)
     --threads                   torch's intra-op threads (default: one per physical core)
     --max-seq-len, --max-batch-size   the KV cache's size
 
@@ -93,6 +94,12 @@ def add_model_options(
     model.add_argument("--quantize", choices=MODES, help="quantize the weights after loading")
     model.add_argument("--compile", action="store_true",
                        help="compile the decode step with torch.compile (the first generation pays for it)")
+    model.add_argument("--speculative", choices=("int4", "int8", "prompt-lookup"),
+                       help="speculative decoding: draft with the model's own weights quantized, or with n-gram "
+                            "lookup in the text so far (greedy output unchanged)")
+    model.add_argument("--draft", type=Path, help="speculative decoding with this draft checkpoint (same tokenizer)")
+    model.add_argument("--speculative-tokens", type=int,
+                       help="draft tokens per round (default: 4 for model drafts, 8 for prompt lookup)")
     model.add_argument("--threads", type=int, help="torch's intra-op threads (default: $OMP_NUM_THREADS if set, "
                        f"else one per physical core: {physical_cores()} here)")
     model.add_argument("--max-seq-len", type=int, default=max_seq_len,
@@ -104,12 +111,16 @@ def add_model_options(
 
 def check_model_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exits with status 2 and a usage message if a model option is out of range; loads nothing."""
-    for option in ("max_seq_len", "max_batch_size", "threads"):
+    for option in ("max_seq_len", "max_batch_size", "threads", "speculative_tokens"):
         value = getattr(args, option)
         if value is not None and value < 1:
             parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.ckpt_dir is not None and not args.ckpt_dir.is_dir():
         parser.error(f"--ckpt-dir {args.ckpt_dir} is not a directory")
+    if args.draft is not None and not args.draft.is_dir():
+        parser.error(f"--draft {args.draft} is not a directory")
+    if args.draft is not None and args.speculative is not None:
+        parser.error("--draft is a draft checkpoint, --speculative a draft made from the model: pass one")
     tokenizer = args.tokenizer or (args.ckpt_dir / "tokenizer.model" if args.ckpt_dir else None)
     if tokenizer is not None and not tokenizer.is_file():
         parser.error(f"tokenizer {tokenizer} not found: pass --tokenizer PATH")
@@ -141,4 +152,5 @@ def build_llama(args: argparse.Namespace, *, seed: int = 1) -> Llama:
     set_threads(args.threads)
     ckpt_dir, tokenizer = resolve_checkpoint(args.ckpt_dir, args.tokenizer)
     return Llama.build(ckpt_dir, tokenizer, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
-                       seed=seed, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile)
+                       seed=seed, device=args.device, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
+                       speculative=args.speculative, draft=args.draft, speculative_tokens=args.speculative_tokens)

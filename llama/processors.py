@@ -10,11 +10,12 @@ after OpenAI's logit_bias, which is added to the model's logits first:
     2. presence_frequency_penalty   tokens of the generation only (OpenAI)
     3. ban_bad_words                banned token sequences
     4. min_new_tokens               stop tokens forbidden until min_gen_len tokens exist
+    5. add_grammar_mask             -inf on what a grammar forbids next (`llama.grammar`), from the sampler
        -> temperature == 0: the most likely token (greedy); otherwise:
-    5. temperature_scale
-    6. top_k
-    7. top_p, min_p                 on the sorted probabilities, in `sample_top_p`
-    8. one draw from what is left
+    6. temperature_scale
+    7. top_k
+    8. top_p, min_p                 on the sorted probabilities, in `sample_top_p`
+    9. one draw from what is left
 
 Every control is off at its default, and an off processor returns its input,
 so the defaults draw exactly what the reference draws:
@@ -28,11 +29,14 @@ Shapes: B rows, V vocabulary ids, t tokens generated so far, L prompt length.
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
 from llama.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from llama.grammar import Grammar
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class SamplingParams:
     bad_words: Tuple[Tuple[int, ...], ...] = ()  # token-id sequences never generated
     logit_bias: Tuple[Tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits
     stop_tokens: Tuple[int, ...] = ()  # for min_gen_len
+    grammar: Optional["Grammar"] = None  # the text must match it (`llama.grammar`); None: free text
 
     def __post_init__(self):
         # Freeze lists into tuples, so params are hashable and cannot change behind the loop's back.
@@ -76,13 +81,17 @@ class SamplingParams:
         cls, tokenizer, vocab_size: int, temperature: float = 0.6, top_p: float = 0.9, *, top_k: int = 0,
         min_p: float = 0.0, min_gen_len: int = 0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0, bad_words: Optional[Sequence[Union[str, Sequence[int]]]] = None,
-        logit_bias: Optional[Dict[int, float]] = None,
+        logit_bias: Optional[Dict[int, float]] = None, json_schema: Optional[dict] = None,
+        grammar: Optional[Union[str, "Grammar"]] = None,
     ) -> "SamplingParams":
         """The validated controls from user options (`Llama.generate`'s keywords).
 
         bad_words: words never generated: token-id lists, or strings, banned as tokenized
         alone and after a space; a single string is one word.
         logit_bias: {token id: bias in [-100, 100]} added to the model's logits (OpenAI's).
+        json_schema: the text is a JSON document valid against this schema (a dict).
+        grammar: the text is a sentence of this grammar: a Lark grammar in llguidance's
+            dialect (a str) or a `llama.grammar.Grammar`. Not with json_schema.
 
         Raises:
             InvalidArgument: a control is outside its range (`.name` says which).
@@ -115,7 +124,7 @@ class SamplingParams:
             min_gen_len=min_gen_len,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, bad_words=list(dict.fromkeys(map(tuple, words))),
-            stop_tokens=tokenizer.stop_tokens,
+            stop_tokens=tokenizer.stop_tokens, grammar=_grammar(tokenizer, json_schema, grammar),
         )
 
     def validate(self) -> "SamplingParams":
@@ -152,7 +161,29 @@ class SamplingParams:
                 )
         if not all(_is_int(t) and t >= 0 for t in self.stop_tokens):
             raise InvalidArgument("stop_tokens", f"stop_tokens must be token ids >= 0, got {list(self.stop_tokens)}")
+        if self.grammar is not None and self.min_gen_len > 0:
+            raise InvalidArgument("min_gen_len", "min_gen_len cannot be combined with a grammar or json_schema: the "
+                                                 "grammar decides where the text ends")
         return self
+
+
+def _grammar(tokenizer, json_schema, grammar) -> Optional["Grammar"]:
+    """The grammar the json_schema or grammar option asks for, compiled for the tokenizer; None for neither."""
+    if json_schema is None and grammar is None:
+        return None
+    if json_schema is not None and grammar is not None:
+        raise InvalidArgument("grammar", "pass json_schema or grammar, not both")
+    from llama.grammar import Grammar  # an optional feature, imported on use
+
+    if isinstance(grammar, Grammar):
+        return grammar
+    name = "json_schema" if json_schema is not None else "grammar"
+    try:
+        if json_schema is not None:
+            return Grammar.json_schema(json_schema, tokenizer)
+        return Grammar.lark(grammar, tokenizer)
+    except ValueError as e:
+        raise InvalidArgument(name, f"{name}: {e}") from None
 
 
 def _is_int(x) -> bool:
@@ -238,6 +269,13 @@ def min_new_tokens(logits: torch.Tensor, n_generated: int, min_gen_len: int, sto
     return logits
 
 
+def add_grammar_mask(logits: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """logits + a grammar's mask (B, V): 0 on the tokens it allows next, -inf on the others; None: no grammar."""
+    if mask is None:
+        return logits
+    return logits + mask
+
+
 def temperature_scale(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Logits divided by the temperature (> 0): below 1 sharpens, above 1 flattens."""
     return logits / temperature
@@ -281,20 +319,28 @@ def sample_top_p(
     Returns:
         (B, 1) sampled token ids.
     """
+    probs_sort, probs_idx = _nucleus_sorted(probs, p, min_p)
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def _nucleus_sorted(probs: torch.Tensor, p: float, min_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the nucleus's probabilities, renormalized, sorted descending (B, V) with 0 past it; their token ids)."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     mask = top_p_mask(probs_sort, p)
     if min_p > 0:
         mask |= min_p_mask(probs_sort, min_p)
     probs_sort[mask] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token)
+    return probs_sort, probs_idx
 
 
 def apply_processors(
-    logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams, prompt: Optional[torch.Tensor] = None
+    logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams, prompt: Optional[torch.Tensor] = None,
+    grammar_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Steps 0-4 (bias, penalties, bans, minimum length): those that also apply to greedy and beam search."""
+    """Steps 0-5 (bias, penalties, bans, minimum length, grammar): those that also apply to greedy
+    (and, but the grammar, to beam search)."""
     logits = add_logit_bias(logits, params.logit_bias)
     context = generated  # (B, t), or (B, L + t) with the prompt, for the processors that read it
     if prompt is not None and (params.repetition_penalty != 1.0 or params.bad_words):
@@ -302,7 +348,8 @@ def apply_processors(
     logits = repetition_penalty(logits, context, params.repetition_penalty)
     logits = presence_frequency_penalty(logits, generated, params.presence_penalty, params.frequency_penalty)
     logits = ban_bad_words(logits, context, params.bad_words)
-    return min_new_tokens(logits, generated.shape[1], params.min_gen_len, params.stop_tokens)
+    logits = min_new_tokens(logits, generated.shape[1], params.min_gen_len, params.stop_tokens)
+    return add_grammar_mask(logits, grammar_mask)
 
 
 def next_token(
@@ -311,6 +358,7 @@ def next_token(
     params: SamplingParams,
     generator: Optional[torch.Generator] = None,
     prompt: Optional[torch.Tensor] = None,
+    grammar_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Each row's next token (B,) from its logits (B, V), in the order of this module's docstring.
 
@@ -322,10 +370,33 @@ def next_token(
         prompt: (B, L) prompt tokens left-padded with -1 (`pad_prompts`), for the
             repetition penalty and bad words that start in the prompt; None: the
             generated tokens alone are the context.
+        grammar_mask: (B, V), 0 on the tokens a grammar allows next, -inf elsewhere (`llama.grammar.logit_masks`).
     """
-    logits = apply_processors(logits, generated, params, prompt)
+    logits = apply_processors(logits, generated, params, prompt, grammar_mask)
     if params.temperature == 0:
         return torch.argmax(logits, dim=-1)
     logits = top_k(temperature_scale(logits, params.temperature), params.top_k)
     probs = torch.softmax(logits, dim=-1)
     return sample_top_p(probs, params.top_p, generator, min_p=params.min_p).reshape(-1)
+
+
+def next_token_probs(
+    logits: torch.Tensor, generated: torch.Tensor, params: SamplingParams, prompt: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The distribution (B, V) that `next_token` draws each row's token from, in vocabulary order:
+    after steps 0-4, the temperature, top-k and the nucleus (top-p, min-p), renormalized; for
+    greedy, 1 on the argmax. Speculative decoding (`llama.engine.speculative`) compares a draft's
+    and the model's. Arguments as `next_token`'s (no grammar: it turns speculation off)."""
+    logits = apply_processors(logits, generated, params, prompt)
+    if params.temperature == 0:
+        return torch.nn.functional.one_hot(torch.argmax(logits, dim=-1), logits.shape[-1]).float()
+    logits = top_k(temperature_scale(logits, params.temperature), params.top_k)
+    probs_sort, probs_idx = _nucleus_sorted(torch.softmax(logits, dim=-1), params.top_p, params.min_p)
+    return torch.zeros_like(probs_sort).scatter_(-1, probs_idx, probs_sort)
+
+
+def uses_context(params: SamplingParams, generated: int) -> bool:
+    """Whether the processors read the tokens so far (penalties, bad words, min_gen_len still
+    applying after `generated` tokens): if not, rows at any depth share one distribution rule."""
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            or bool(params.bad_words) or generated < params.min_gen_len)

@@ -105,6 +105,7 @@ class Job:
         top_logprobs: ... and this many most likely alternatives.
         timeout: seconds from submission after which it ends with reason "timeout".
         n: choices: sampled continuations of the prompt, drawn together from the job's generator.
+        speculative: False: never drafted for, when the engine decodes speculatively.
     """
 
     def __init__(
@@ -120,6 +121,7 @@ class Job:
         top_logprobs: int = 0,
         timeout: Optional[float] = None,
         n: int = 1,
+        speculative: bool = True,
     ):
         self.id = next(_ids)
         self.prompt_tokens = list(prompt_tokens)
@@ -133,6 +135,7 @@ class Job:
         self.submitted = time.monotonic()
         self.deadline = None if timeout is None else self.submitted + timeout
         self.n = n
+        self.speculative = speculative
 
         self.request: Optional[Request] = None  # the engine's, built by `Scheduler.submit`
         self.unsent: List[List[TokenLogprob]] = [[] for _ in range(n)]  # per choice: logprobs of held-back text
@@ -224,6 +227,7 @@ class Scheduler:
         job.request = self.engine.request([job.prompt_tokens] * job.n, job.params, job.max_new_tokens,
                                           generator=generator, stop=job.stop, text=True, logprobs=job.logprobs,
                                           top_logprobs=job.top_logprobs)
+        job.request.speculative = job.speculative
         with self._lock:
             free_slots = self.max_batch_size - len(self.engine.running)
             if self._waiting() >= self.queue_size + max(free_slots, 0):
@@ -247,10 +251,11 @@ class Scheduler:
 
     def snapshot(self) -> dict:
         """The gauges of /metrics: requests waiting and running, rows in use, KV-cache positions held."""
-        prefix = self.engine.prefix
+        prefix, counters = self.engine.prefix, self.engine.counters
         return {"waiting": self._waiting(), "running": len(self.engine.requests),
                 "sequences": len(self.engine.running), "kv_cache_usage": self.engine.cache_usage,
-                "prefix_cache_hit_rate": prefix.hit_rate if prefix is not None else 0.0}
+                "prefix_cache_hit_rate": prefix.hit_rate if prefix is not None else 0.0,
+                "spec_decode_acceptance_rate": counters["accepted_tokens"] / max(counters["draft_tokens"], 1)}
 
     def _waiting(self) -> int:
         return len(self.inbox) + len(self.engine.waiting)
@@ -275,8 +280,13 @@ class Scheduler:
         if not self.engine.has_work:
             self._idle()
             return
+        counters = self.engine.counters
+        drafted, accepted = counters["draft_tokens"], counters["accepted_tokens"]
         for output in self.engine.step():
             self._deliver(self.jobs[output.sequence.request.id], output)
+        if self.metrics is not None and counters["draft_tokens"] > drafted:
+            self.metrics.draft_tokens.inc(counters["draft_tokens"] - drafted)
+            self.metrics.accepted_tokens.inc(counters["accepted_tokens"] - accepted)
 
     def _idle(self) -> None:
         if not self._wakeup.wait(timeout=HEARTBEAT_SECONDS):

@@ -12,12 +12,16 @@ Endpoints:
     GET  /metrics               Prometheus metrics: requests, latencies, queue, KV-cache use (`llama.metrics`)
 
 Requests take OpenAI's fields (model, prompt / messages, max_tokens, temperature, top_p,
-stop, seed, logprobs, stream, stream_options, presence_penalty, frequency_penalty, logit_bias, n) and
-the library's other controls under vLLM's names: top_k, min_p, min_tokens (`min_gen_len`),
-repetition_penalty, bad_words. Defaults are OpenAI's (temperature 1, top_p 1). Every error
-is OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, and never stops the
-server: 400 for invalid requests, 404 for an unknown model, 413 for an oversized body, 429
-(with Retry-After) when the queue is full, 504 when a request runs past --request-timeout.
+stop, seed, logprobs, stream, stream_options, presence_penalty, frequency_penalty, logit_bias, n,
+response_format; for chats tools, tool_choice, parallel_tool_calls) and the library's other
+controls under vLLM's names: top_k, min_p, min_tokens (`min_gen_len`), repetition_penalty,
+bad_words. response_format {"type": "json_object"} or {"type": "json_schema", "json_schema":
+{"schema": ...}} constrains the text (`llama.grammar`, needs llguidance); tool_choice "required"
+or a named function forces a valid call the same way (`llama.tools.forced_call_grammar`).
+Defaults are OpenAI's (temperature 1, top_p 1). Every error is OpenAI's JSON,
+`{"error": {"message", "type", "param", "code"}}`, and never stops the server: 400 for
+invalid requests, 404 for an unknown model, 413 for an oversized body, 429 (with
+Retry-After) when the queue is full, 504 when a request runs past --request-timeout.
 
 The HTTP side (this module) turns requests into `llama.scheduler.Job`s and the
 scheduler's events into OpenAI's responses; `llama.scheduler` feeds them to the
@@ -33,7 +37,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Dict, List, Optional, Union
+from typing import Any, AsyncIterator, Dict, List, Optional, Union
 from typing import Sequence as SequenceType
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -55,12 +59,13 @@ from llama.options import add_model_options, build_llama, check_model_options
 from llama.errors import InvalidArgument
 from llama.metrics import ServerMetrics
 from llama.scheduler import Delta, Finished, Job, QueueFull, Scheduler, TokenLogprob
+from llama.tools import ToolCallStream, finish_reason, parse_reply
 
 logger = logging.getLogger("llama.serve")  # the same name under `python -m`
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_PREFIX_CACHE_CONTEXTS = 4  # the prefix cache holds this many full contexts' keys and values by default
-ROLE_ALIASES = {"developer": "system", "tool": "ipython"}  # OpenAI's names for the library's roles
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's names for the library's roles
 
 
 # --- Errors ---------------------------------------------------------------------------------------
@@ -122,6 +127,8 @@ class GenerationRequest(BaseModel):
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = None  # choices: 1 to --max-batch-size
     logit_bias: Optional[Dict[str, float]] = None  # token id (as a string, as JSON keys are) -> bias in [-100, 100]
+    response_format: Optional[Dict[str, Any]] = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    speculative: Optional[bool] = None  # False: this request decodes without the server's --speculative
     user: Optional[str] = None  # accepted, unused
 
 
@@ -140,9 +147,11 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # name, tool_calls, ...: not used by the chat formats
+    model_config = ConfigDict(extra="ignore")  # name, ...: not used by the chat formats
     role: str
     content: Union[str, List[ContentPart], None] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None  # assistant: its calls (checked by the chat format)
+    tool_call_id: Optional[str] = None  # tool: the call it answers
 
 
 class ChatRequest(GenerationRequest):
@@ -150,6 +159,9 @@ class ChatRequest(GenerationRequest):
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    tools: Optional[List[Dict[str, Any]]] = None  # checked by `llama.tools.normalize_tools`
+    tool_choice: Union[str, Dict[str, Any], None] = None  # "auto" (default with tools), "none", "required", a function
+    parallel_tool_calls: Optional[bool] = None  # True; False: at most one call per choice
 
 
 async def read_json_body(request: Request, limit: int) -> dict:
@@ -192,6 +204,15 @@ class TextCompletionFormat:
     def opening_chunks(self) -> List[dict]:
         return [self.chunk(i, self.echo, [], None) for i in range(self.n)] if self.echo else []
 
+    def delta_chunks(self, delta: Delta) -> List[dict]:
+        """The chunks that stream one `Delta`: its text and logprobs, then its finish reason."""
+        chunks = []
+        if delta.text or delta.logprobs:
+            chunks.append(self.chunk(delta.index, delta.text, delta.logprobs, None))
+        if delta.finish_reason is not None:
+            chunks.append(self.chunk(delta.index, "", [], delta.finish_reason))
+        return chunks
+
     def chunk(self, index: int, text: str, logprobs: List[TokenLogprob], finish_reason: Optional[str]) -> dict:
         choice = {"index": index, "text": text, "logprobs": self._logprobs(index, logprobs),
                   "finish_reason": finish_reason}
@@ -220,13 +241,23 @@ class TextCompletionFormat:
 
 
 class ChatCompletionFormat:
-    """OpenAI's /v1/chat/completions bodies for one request."""
+    """OpenAI's /v1/chat/completions bodies for one request.
+
+    With tools (those shown to the model, in `tool_format`), each choice's reply is read for
+    calls (`llama.tools.parse_reply`): the message holds "tool_calls" and finish_reason is
+    "tool_calls" for a reply that calls and ended by itself. Streamed, text that may be a call
+    is held back (`llama.tools.ToolCallStream`) and the calls come at the choice's end, each as
+    two deltas in OpenAI's shape: its id, type and name (arguments ""), then its arguments.
+    """
 
     object = "chat.completion"
 
-    def __init__(self, model: str, logprobs: bool = False, n: int = 1):
+    def __init__(self, model: str, logprobs: bool = False, n: int = 1, tools: SequenceType[dict] = (),
+                 tool_format: str = "hermes", parallel_tool_calls: bool = True):
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
         self.logprobs, self.n = logprobs, n
+        self.tools, self.tool_format, self.parallel_tool_calls = list(tools), tool_format, parallel_tool_calls
+        self.streams = [ToolCallStream(self.tools, tool_format) for _ in range(n)]  # per choice, when streaming
 
     def _body(self, object: str, choices: List[dict], **extra) -> dict:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model,
@@ -237,15 +268,50 @@ class ChatCompletionFormat:
                                                        "logprobs": None, "finish_reason": None}])
                 for i in range(self.n)]
 
-    def chunk(self, index: int, text: str, logprobs: List[TokenLogprob], finish_reason: Optional[str]) -> dict:
-        delta = {"content": text} if finish_reason is None else {}
-        choice = {"index": index, "delta": delta, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+    def delta_chunks(self, delta: Delta) -> List[dict]:
+        """The chunks that stream one `Delta`: the content that became final (with the logprobs),
+        and at the choice's end the rest of its content, its tool calls and its finish reason."""
+        stream = self.streams[delta.index]
+        chunks = []
+        content = stream.push(delta.text)
+        if content or delta.logprobs:
+            chunks.append(self._chunk(delta.index, {"content": content}, delta.logprobs))
+        if delta.finish_reason is None:
+            return chunks
+        content, calls = stream.finish()
+        if content:
+            chunks.append(self._chunk(delta.index, {"content": content}))
+        reply = {"role": "assistant", "content": stream.sent, "tool_calls": self._calls(calls)}
+        for i, call in enumerate(reply["tool_calls"]):
+            header = {"index": i, "id": call["id"], "type": "function",
+                      "function": {"name": call["function"]["name"], "arguments": ""}}
+            chunks.append(self._chunk(delta.index, {"tool_calls": [header]}))
+            arguments = {"index": i, "function": {"arguments": call["function"]["arguments"]}}
+            chunks.append(self._chunk(delta.index, {"tool_calls": [arguments]}))
+        chunks.append(self._chunk(delta.index, {}, finish_reason=finish_reason(reply, delta.finish_reason)))
+        return chunks
+
+    def _chunk(self, index: int, delta: dict, logprobs: SequenceType[TokenLogprob] = (),
+               finish_reason: Optional[str] = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": self._logprobs(list(logprobs)),
+                  "finish_reason": finish_reason}
         return self._body("chat.completion.chunk", [choice])
 
     def response(self, choices: List["Choice"], finished: Finished) -> dict:
-        return self._body("chat.completion", [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": self._logprobs(c.logprobs),
-             "finish_reason": c.finish_reason} for i, c in enumerate(choices)], usage=usage(finished))
+        return self._body("chat.completion", [self._choice(i, c) for i, c in enumerate(choices)],
+                          usage=usage(finished))
+
+    def _choice(self, index: int, choice: "Choice") -> dict:
+        reply = parse_reply(choice.text, self.tools, self.tool_format)
+        reply["tool_calls"] = self._calls(reply["tool_calls"])
+        message = {"role": "assistant", "content": reply["content"] or (None if reply["tool_calls"] else "")}
+        if reply["tool_calls"]:
+            message["tool_calls"] = reply["tool_calls"]
+        return {"index": index, "message": message, "logprobs": self._logprobs(choice.logprobs),
+                "finish_reason": finish_reason(reply, choice.finish_reason)}
+
+    def _calls(self, calls: List[dict]) -> List[dict]:
+        return calls if self.parallel_tool_calls else calls[:1]
 
     def usage_chunk(self, finished: Finished) -> dict:
         return self._body("chat.completion.chunk", [], usage=usage(finished))
@@ -328,16 +394,18 @@ class OpenAIServer:
         body = await self._read(request, ChatRequest)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        prompt_tokens, refusal = self._chat_prompt(body.messages)
+        tool_format, tools, forced = self._tool_setup(body)
+        prompt_tokens, refusal = self._chat_prompt(body, tool_format)
         max_tokens = body.max_completion_tokens or body.max_tokens
         job = self._job(body, prompt_tokens, max_tokens, default_max_tokens=None,
-                             logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0)
+                             logprobs=bool(body.logprobs), top_logprobs=body.top_logprobs or 0, grammar=forced)
         if refusal is None:
             events = self._submit(job)
         else:  # the chat format refuses this dialog: its refusal is the whole answer, as in chat_completion
             refusals = [Delta(refusal, [], i, "stop") for i in range(job.n)]
             events = replay([*refusals, Finished("stop", len(prompt_tokens), 0)])
-        fmt = ChatCompletionFormat(self.model_name, body.logprobs, job.n)
+        parallel_tool_calls = body.parallel_tool_calls is not False
+        fmt = ChatCompletionFormat(self.model_name, body.logprobs, job.n, tools, tool_format, parallel_tool_calls)
         return await self._respond(request, job, events, fmt, body)
 
     async def models(self):
@@ -383,10 +451,24 @@ class OpenAIServer:
             raise APIError(400, "the prompt is empty", param="prompt")
         return tokens
 
-    def _chat_prompt(self, messages: List[ChatMessage]):
-        """(token ids of the dialog, the chat format's refusal or None)."""
+    def _tool_setup(self, body: ChatRequest):
+        """(the tool format or None, the tools shown to the model, the grammar of a forced call or None)."""
+        if body.tools is None:
+            if body.tool_choice not in (None, "none", "auto"):
+                raise APIError(400, f"tool_choice {body.tool_choice!r} needs tools", param="tool_choice")
+            return None, [], None
+        tool_choice = "auto" if body.tool_choice is None else body.tool_choice
+        try:
+            return self.llama.tool_setup(body.tools, tool_choice,
+                                         parallel_tool_calls=body.parallel_tool_calls is not False)
+        except ValueError as e:
+            param = "tool_choice" if str(e).startswith("tool_choice") else "tools"
+            raise APIError(400, str(e), param=param) from None
+
+    def _chat_prompt(self, body: ChatRequest, tool_format: Optional[str]):
+        """(token ids of the dialog with its tools, the chat format's refusal or None)."""
         dialog = []
-        for i, message in enumerate(messages):
+        for i, message in enumerate(body.messages):
             content = message.content
             if isinstance(content, list):
                 others = [part.type for part in content if part.type != "text"]
@@ -394,16 +476,26 @@ class OpenAIServer:
                     raise APIError(400, f"messages[{i}]: only text content is supported, got {others[0]!r}",
                                    param="messages")
                 content = "".join(part.text or "" for part in content)
-            dialog.append({"role": ROLE_ALIASES.get(message.role, message.role), "content": content or ""})
+            turn = {"role": ROLE_ALIASES.get(message.role, message.role), "content": content or ""}
+            if message.tool_calls:
+                turn["tool_calls"] = message.tool_calls
+                turn["content"] = content  # may be None beside calls
+            if message.tool_call_id is not None:
+                turn["tool_call_id"] = message.tool_call_id
+            dialog.append(turn)
         try:
-            tokens = self.llama.formatter.encode_dialog_prompt(dialog)
+            if tool_format is None:
+                tokens = self.llama.formatter.encode_dialog_prompt(dialog)
+            else:
+                tool_choice = "auto" if body.tool_choice is None else body.tool_choice
+                tokens = self.llama.formatter.encode_dialog_prompt(dialog, body.tools, tool_choice, tool_format)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         refuse = getattr(self.llama.formatter, "refusal", None)  # only formats with forgeable tags have one
         return tokens, (refuse(dialog) if refuse else None)
 
     def _job(self, body: GenerationRequest, prompt_tokens: List[int], max_tokens: Optional[int], *,
-                  default_max_tokens: Optional[int], logprobs: bool, top_logprobs: int) -> Job:
+                  default_max_tokens: Optional[int], logprobs: bool, top_logprobs: int, grammar=None) -> Job:
         """A scheduler job for the request; 400 when it cannot fit the context or a control is out of range."""
         room = self.max_seq_len - len(prompt_tokens)
         if room < 1:
@@ -418,15 +510,21 @@ class OpenAIServer:
                                 f"{len(prompt_tokens)} and max_tokens asks for {max_tokens} more: ask for at most "
                                 f"{room}", param="max_tokens", code="context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return Job(prompt_tokens, max_tokens, self._sampling_params(body), stop=stop, seed=body.seed,
-                   logprobs=logprobs, top_logprobs=top_logprobs, timeout=self.request_timeout, n=body.n or 1)
+        return Job(prompt_tokens, max_tokens, self._sampling_params(body, grammar), stop=stop, seed=body.seed,
+                   logprobs=logprobs, top_logprobs=top_logprobs, timeout=self.request_timeout, n=body.n or 1,
+                   speculative=body.speculative is not False)
 
-    def _sampling_params(self, body: GenerationRequest):
-        """The library's validated controls; their own errors become the 400's, naming the field."""
+    def _sampling_params(self, body: GenerationRequest, grammar=None):
+        """The library's validated controls; their own errors become the 400's, naming the field.
+        grammar: a forced tool call's (`Llama.tool_setup`), which excludes a response_format."""
 
         def given(value, default):
             return default if value is None else value
 
+        json_schema = json_schema_of(body.response_format)
+        if json_schema is not None and grammar is not None:
+            raise APIError(400, "tool_choice forces a tool call: response_format cannot also constrain the reply",
+                           param="response_format")
         try:
             return self.llama.sampling_params(
                 given(body.temperature, 1.0), given(body.top_p, 1.0), top_k=given(body.top_k, 0),
@@ -434,10 +532,10 @@ class OpenAIServer:
                 repetition_penalty=given(body.repetition_penalty, 1.0),
                 presence_penalty=given(body.presence_penalty, 0.0),
                 frequency_penalty=given(body.frequency_penalty, 0.0), bad_words=body.bad_words,
-                logit_bias=token_ids_of(body.logit_bias),
+                logit_bias=token_ids_of(body.logit_bias), json_schema=json_schema, grammar=grammar,
             )
         except InvalidArgument as e:
-            param = {"min_gen_len": "min_tokens"}.get(e.name, e.name)
+            param = {"min_gen_len": "min_tokens", "json_schema": "response_format"}.get(e.name, e.name)
             raise APIError(400, str(e), param=param if param in GenerationRequest.model_fields else None) from None
 
     # --- Jobs -> responses ---
@@ -486,10 +584,8 @@ class OpenAIServer:
             yield sse(chunk)
         async for event in events:
             if isinstance(event, Delta):
-                if event.text or event.logprobs:
-                    yield sse(fmt.chunk(event.index, event.text, event.logprobs, None))
-                if event.finish_reason is not None:
-                    yield sse(fmt.chunk(event.index, "", [], event.finish_reason))
+                for chunk in fmt.delta_chunks(event):
+                    yield sse(chunk)
                 continue
             try:
                 self._raise_failure(event)
@@ -506,6 +602,24 @@ class OpenAIServer:
                            type="timeout_error", code="request_timeout")
         if finished.reason == "error":
             raise APIError(500, finished.message, type="server_error")
+
+
+def json_schema_of(response_format: Optional[dict]) -> Optional[dict]:
+    """The JSON schema OpenAI's response_format asks for: its {"type": "json_schema", "json_schema":
+    {"name", "schema", "strict"}}'s schema, any object for {"type": "json_object"}, None for
+    {"type": "text"} or none; 400 for others."""
+    if response_format is None or response_format.get("type") == "text":
+        return None
+    if response_format.get("type") == "json_object":
+        return {"type": "object"}
+    if response_format.get("type") == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise APIError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                           param="response_format")
+        return spec["schema"]
+    raise APIError(400, f"response_format type must be 'text', 'json_object' or 'json_schema', got "
+                        f"{response_format.get('type')!r}", param="response_format")
 
 
 def token_ids_of(logit_bias: Optional[Dict[str, float]]) -> Dict[int, float]:

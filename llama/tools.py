@@ -197,6 +197,79 @@ def apply_tool_choice(tools: List[dict], tool_choice: Union[str, dict] = "auto")
     return tools, f"You MUST use the tool `{function['name']}` to answer the user query."
 
 
+# --- Forcing a call -----------------------------------------------------------------------------
+
+# Most calls in a forced Hermes reply: a small model, once it has called, may go on calling
+# until the length limit cuts its reply (and so its calls) short.
+MAX_FORCED_CALLS = 4
+# Most characters of a string argument whose schema sets no bound of its own, in a forced call:
+# sampled at temperature 1, a small model can write a string on and on until the length limit
+# cuts the call short (measured: 1 of 50 SmolLM2 replies at max_tokens 400).
+MAX_FORCED_STRING = 200
+
+
+def bounded_strings(schema, max_length: int = MAX_FORCED_STRING):
+    """The schema with maxLength max_length on every string that has no maxLength, enum, const or
+    pattern of its own (what it accepts is a subset of the original's)."""
+    if isinstance(schema, list):
+        return [bounded_strings(item, max_length) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: bounded_strings(value, max_length) for key, value in schema.items()}
+    types = schema.get("type")
+    if (types == "string" or (isinstance(types, list) and "string" in types)) and not (
+            {"maxLength", "enum", "const", "pattern"} & schema.keys()):
+        bounded["maxLength"] = max_length
+    return bounded
+
+
+def forced_call_grammar(tools: List[dict], tool_choice: Union[str, dict], tool_format: str,
+                        parallel_tool_calls: bool = True) -> Optional[str]:
+    """The grammar (Lark, in llguidance's dialect: `llama.grammar.Grammar.lark`) of a reply that
+    calls what tool_choice demands: one of `tools` for "required", the named one for
+    {"type": "function", "function": {"name": ...}}; None for "auto" and "none" (nothing forced).
+
+    The reply is the call alone, its arguments valid against the function's parameters and,
+    unless the parameters' schema says otherwise (additionalProperties), holding only those it declares,
+    their strings at most MAX_FORCED_STRING characters where the schema sets no bound (`bounded_strings`):
+    - hermes: <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>, and with
+      parallel_tool_calls up to MAX_FORCED_CALLS such blocks, one per line, as the model chooses;
+    - llama3.1 and llama3.2: one call (Meta's formats call one tool at a time), a function as
+      Llama 3.1's documented reply writes it, <|python_tag|>{"type": "function", "name": ...,
+      "parameters": {...}}; Llama 3.2 too, since its pythonic calls take Python literals, which a
+      JSON schema does not describe (`parse_reply` reads both). brave_search and wolfram_alpha as
+      <|python_tag|>brave_search.call(query="..."), code_interpreter as <|python_tag|> and code.
+
+    Args:
+        tools: from `apply_tool_choice`, whose checks tool_choice has passed.
+    """
+    if tool_choice in ("auto", "none"):
+        return None
+    from llama.grammar import json_rule  # forcing a call is constrained decoding: llguidance
+
+    if isinstance(tool_choice, dict):
+        tools = [tool for tool in tools if tool_name(tool) == tool_choice["function"]["name"]]
+    alternatives = []
+    for tool in tools:
+        if tool["type"] == "code_interpreter":
+            alternatives.append("<|python_tag|> /(?s:.+)/")
+        elif tool["type"] in BUILTIN_TOOLS:
+            alternatives.append(f'<|python_tag|> "{tool["type"]}.call(query=" {json_rule({"type": "string"})} ")"')
+        else:
+            function = tool["function"]
+            parameters = bounded_strings({"additionalProperties": False, **function["parameters"]})
+            keys = {"name": {"const": function["name"]}, "arguments": parameters}
+            if tool_format != "hermes":
+                keys = {"type": {"const": "function"}, "name": keys["name"], "parameters": parameters}
+            call = json_rule({"type": "object", "properties": keys, "required": list(keys),
+                              "additionalProperties": False})
+            alternatives.append(f'"<tool_call>\\n" {call} "\\n</tool_call>"' if tool_format == "hermes"
+                                else f"<|python_tag|> {call}")
+    several = tool_format == "hermes" and parallel_tool_calls
+    start = f'call ("\\n" call){{0,{MAX_FORCED_CALLS - 1}}}' if several else "call"
+    return f"start: {start}\ncall: " + "\n    | ".join(alternatives) + "\n"
+
+
 # --- The prompt ---------------------------------------------------------------------------------
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -575,17 +648,25 @@ def _pythonic_calls(body: str) -> Optional[List[Call]]:
     return calls
 
 
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
+_HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 
 
 def _parse_hermes(text: str) -> Tuple[str, List[Call]]:
     """<tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks (a block may hold
-    a JSON list of calls, as SmolLM2 writes them); the text around them is the content."""
-    calls = []
-    for block in _TOOL_CALL.findall(text):
+    a JSON list of calls, as SmolLM2 writes them, and the reply may end before its closing
+    tag); the text around them is the content. Each block's JSON is read as JSON, so a string
+    in it may hold "</tool_call>"."""
+    calls, content, position = [], [], 0
+    while (start := text.find(_HERMES_OPEN, position)) >= 0:
+        content.append(text[position:start])
         try:
-            value = json.loads(block)
+            value, position = _JSON.raw_decode(text, _skip(text, start + len(_HERMES_OPEN), " \t\r\n"))
         except json.JSONDecodeError:
+            return text, []
+        position = _skip(text, position, " \t\r\n")
+        if text.startswith(_HERMES_CLOSE, position):
+            position += len(_HERMES_CLOSE)
+        elif position < len(text):  # neither closed nor the end of the reply
             return text, []
         for item in value if isinstance(value, list) else [value]:
             call = _json_call(item)
@@ -594,7 +675,7 @@ def _parse_hermes(text: str) -> Tuple[str, List[Call]]:
             calls.append(call)
     if not calls:
         return text, []
-    return _TOOL_CALL.sub("", text).strip(), calls
+    return ("".join(content) + text[position:]).strip(), calls
 
 
 def _json_call(value) -> Optional[Call]:
@@ -616,3 +697,61 @@ def _skip(text: str, position: int, characters: str) -> int:
     while position < len(text) and text[position] in characters:
         position += 1
     return position
+
+
+# --- Tool calls out, as the reply streams --------------------------------------------------------
+
+# How a Llama 3 reply that is calls can begin (after white space and ';'): JSON, a pythonic list
+# (which Python's parser also reads inside parentheses or after a comment), <function=, the tag, a built-in.
+_LLAMA3_OPENERS = ("{", "[", "(", "#", "\\", "<function=", PYTHON_TAG, "brave_search.call(", "wolfram_alpha.call(")
+
+
+class ToolCallStream:
+    """A reply's text as it streams in, split into content that is final and the calls, read at its end.
+
+    Text that may belong to a call is held back: for Llama 3 (whose replies are calls or
+    content, whole) a reply that opens like a call is held to its end; for Hermes the text
+    from the first <tool_call> on, and white space or a partial "<tool_call>" at the end of
+    the content. At the end `finish` parses the whole reply as `parse_reply` does. The
+    pieces `push` returns and the content `finish` returns join to parse_reply's content.
+
+    Args:
+        tools, tool_format: as `parse_reply`'s.
+    """
+
+    def __init__(self, tools: List[dict], tool_format: str):
+        self.tools, self.tool_format = tools, tool_format
+        self.text = ""
+        self.sent = ""  # the content returned so far
+
+    def push(self, piece: str) -> str:
+        """Takes the next piece of the reply; returns the content that became final ("" if none)."""
+        self.text += piece
+        final = self._final_content()
+        assert final.startswith(self.sent), "the final content changed"
+        new, self.sent = final[len(self.sent):], final
+        return new
+
+    def finish(self) -> Tuple[str, List[ToolCall]]:
+        """(the content not yet returned, the reply's tool calls) once the reply is whole."""
+        message = parse_reply(self.text, self.tools, self.tool_format)
+        assert message["content"].startswith(self.sent), "content was returned that the whole reply does not hold"
+        return message["content"][len(self.sent):], message["tool_calls"]
+
+    def _final_content(self) -> str:
+        """The longest beginning of the content that no continuation of the text can change."""
+        text = self.text
+        if not self.tools:
+            return text
+        if self.tool_format != "hermes":
+            body = re.sub(r"^[\s;]+", "", text)
+            if body == "" or any(body.startswith(o) or o.startswith(body) for o in _LLAMA3_OPENERS):
+                return ""
+            return text
+        if text[:1].isspace():  # parse_reply strips the content only when the reply holds calls
+            return ""
+        start = text.find(_HERMES_OPEN)
+        if start < 0:  # hold back what may begin a call
+            start = next((i for i in range(max(0, len(text) - len(_HERMES_OPEN)), len(text))
+                          if _HERMES_OPEN.startswith(text[i:])), len(text))
+        return text[:start].rstrip()

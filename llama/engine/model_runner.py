@@ -62,8 +62,10 @@ class Step:
     saves_before: List[Tuple[int, int, List[int]]] = field(default_factory=list)  # (row, first block, slots)
     loads: List[Tuple[int, List[int]]] = field(default_factory=list)  # (row, slots): its positions 0..
     saves_after: List[Tuple[int, int, List[int]]] = field(default_factory=list)
+    every_position: bool = False  # a prefill's logits at every position (k, L, V) (a speculative verify pass)
     tokens: Optional[List[int]] = None  # decode: row i feeds tokens[i] at positions[i]
     positions: Optional[List[int]] = None
+    draft: bool = False  # the pass runs on the draft model (`ModelRunner.draft`), the moves on both
     shutdown: bool = False  # the other ranks leave `follow`
 
 
@@ -74,9 +76,12 @@ class ModelRunner:
         model: the transformer (its KV cache sizes the batch and the context).
         compile: compile the decode step (`compile_decode_step`): static shapes,
             the whole cache read under a mask, one compilation per batch size.
+        draft: a draft model for speculative decoding (`llama.engine.speculative.DraftModel`),
+            with a KV cache of the model's rows and positions; its passes are `Step`s with
+            draft=True, run by `self.draft` (a runner of its own, compiled alike).
     """
 
-    def __init__(self, model: Transformer, *, compile: bool = False):
+    def __init__(self, model: Transformer, *, compile: bool = False, draft: Optional[Transformer] = None):
         self.model = model
         self.device = model.output.weight.device
         self.max_seq_len = model.params.max_seq_len
@@ -86,6 +91,13 @@ class ModelRunner:
         self.block_pools: Optional[list] = None  # the prefix cache's block store, made on first use
         self._store: Optional[Tuple[int, int]] = None  # its (slots, block size)
         self._decode = self._decode_rows
+        self.draft: Optional["ModelRunner"] = None
+        if draft is not None:
+            cache = draft.layers[0].attention.cache.k.shape  # (rows, kv heads, positions, head dim)
+            if (cache[0], cache[2]) != (model.params.max_batch_size, self.max_seq_len):
+                raise ValueError(f"the draft's KV cache has {cache[0]} rows of {cache[2]} positions, the model's "
+                                 f"{model.params.max_batch_size} of {self.max_seq_len}: build both alike")
+            self.draft = ModelRunner(draft, compile=compile)
         if compile:
             make_compilable(model)  # fairscale's layers -> traceable twins with the same weights
             self._decode = compile_decode_step(self._decode_rows, self.device)
@@ -129,13 +141,16 @@ class ModelRunner:
         self._save_blocks(step.saves_before)
         for src, dst, length in step.moves:
             self.model.move_cache_row(src, dst, length)
+            if self.draft is not None:
+                self.draft.model.move_cache_row(src, dst, length)
         for row, slots in step.loads:
             self.model.load_cache_blocks(row, self.block_pools, self._slots(slots))
+        runner = self.draft if step.draft else self
         logits = None
         if step.prompts:
-            logits = self.prefill(step.prompts, step.starts)
+            logits = runner.prefill(step.prompts, step.starts, every_position=step.every_position)
         elif step.tokens:
-            logits = self.decode_step(step.tokens, step.positions)
+            logits = runner.decode_step(step.tokens, step.positions)
         self._save_blocks(step.saves_after)
         return logits
 
@@ -152,8 +167,8 @@ class ModelRunner:
                 every_position: bool = False) -> torch.Tensor:
         """Writes prompt i into cache row i, from position starts[i] on (0 by default; the positions
         before hold a cached prefix); returns fp32 logits (k, V) at each prompt's last position, or
-        with every_position (one prompt) the logits (L, V) after every position. Always eager:
-        prompts come in every length."""
+        with every_position the logits (k, L, V) after every position (row i's first len(prompts[i])
+        are its own). Always eager: prompts come in every length."""
         starts = starts or [0] * len(prompts)
         lengths = [len(p) for p in prompts]
         padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=self.device)  # (k, L), 0 = filler
@@ -166,7 +181,7 @@ class ModelRunner:
         kv_len = max(s + n for s, n in zip(starts, lengths))
         hidden = self.model.forward_hidden(padded, start, kv_len=kv_len)  # (k, L, D)
         if every_position:
-            return self.model.output(hidden).float()[0]  # (L, V)
+            return self.model.output(hidden).float()  # (k, L, V)
         last = torch.tensor(lengths, device=self.device) - 1
         last_hidden = hidden[torch.arange(len(prompts), device=self.device), last]  # (k, D)
         return self.model.output(last_hidden).float()  # (k, V)

@@ -10,12 +10,15 @@ of the others exactly what the reference draws.
 """
 
 import itertools
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
 from llama.engine.stopping import StopCriteria
 from llama.processors import SamplingParams
+
+if TYPE_CHECKING:
+    from llama.grammar import GrammarState
 
 _ids = itertools.count()
 
@@ -41,6 +44,10 @@ class Sequence:
         self.logprobs: List[float] = []  # of each of `tokens`, when asked for
         self.row: Optional[int] = None  # its row of the KV cache while in the batch
         self.request: Optional["Request"] = None  # the request it belongs to
+        # Speculative decoding with a draft model (`llama.engine.speculative.DraftModel`): positions of
+        # its row in the draft's cache that hold the draft's keys of its tokens, and drafts fed this round.
+        self.draft_len = 0
+        self.draft_fed = 0
 
     @property
     def finished(self) -> bool:
@@ -76,6 +83,8 @@ class Request:
         # The processors' view of the rows, on the device, built at admission and grown each step.
         self.prompts: Optional[torch.Tensor] = None  # (k, L) prompts left-padded with -1
         self.generated: Optional[torch.Tensor] = None  # (k, t) every token sampled so far
+        self.grammar: Optional["GrammarState"] = None  # with params.grammar: its rows' matchers, made by the sampler
+        self.speculative = True  # False: never drafted for (`generate(speculative=False)`, a server request's opt-out)
 
     @property
     def finished(self) -> bool:
