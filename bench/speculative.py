@@ -1,14 +1,14 @@
 """Speculative decoding's speed-up at batch 1: each proposer against plain decoding of the same
 configuration (eager, compiled), in one process, one after another.
 
-    python -m bench.speculative [--threads N] [--new-tokens 128] [--runs 3] [--compiled] [--json FILE]
+    python -m bench.speculative [--threads N] [--new-tokens 128] [--runs 3] [--modes eager compiled] [--json FILE]
 
 Two greedy chat prompts to the bundled SmolLM2-135M-Instruct (or --ckpt-dir):
-    explain   an open question ("Explain how ..."): the answer is new text, for model drafts
+    explain   an open question ("Describe the water cycle in detail."): new text, for model drafts
     rewrite   a paragraph to rewrite with small edits: the answer copies most of the prompt,
               for prompt lookup
 Configurations (--configs): plain (no speculation), int4 and int8 (the model's own weights
-quantized as the draft), prompt-lookup; each eager, and with --compiled also compiled (the
+quantized as the draft), prompt-lookup; each eager and/or compiled (--modes: the model's and the
 draft's decode steps compiled; the verify pass is eager, as prefill is). Reported per
 (configuration, prompt): decode tokens/s, the median of --runs runs, each
 (tokens - 1) / (time of the whole generation - time of a 1-token generation, the prefill),
@@ -32,7 +32,7 @@ PARAGRAPH = ("The old lighthouse stood at the edge of the cliff for more than a 
              "howled around the tower, but the light never went out. The people of the village said that as long "
              "as the lighthouse shone, no sailor would ever be lost at sea.")
 PROMPTS = {
-    "explain": "Explain how a bicycle works, part by part.",
+    "explain": "Describe the water cycle in detail.",
     "rewrite": f"Rewrite the following paragraph, replacing 'lighthouse' with 'beacon' and changing nothing "
                f"else:\n\n{PARAGRAPH}",
 }
@@ -61,7 +61,8 @@ def main(argv=None):
     parser.add_argument("--configs", nargs="+", default=["plain", "int4", "int8", "prompt-lookup"],
                         choices=["plain", "int4", "int8", "prompt-lookup"])
     parser.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
-    parser.add_argument("--compiled", action="store_true", help="also every configuration compiled")
+    parser.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                        help="eager, compiled, or both (default: eager)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--speculative-tokens", type=int, default=None, help="draft tokens per round "
@@ -81,7 +82,7 @@ def main(argv=None):
     print("| mode | config | prompt | tok/s | speed-up | accepted / drafted | tokens per pass |")
     print("|---|---|---|---|---|---|---|")
     results = []
-    for compile_ in ([False, True] if args.compiled else [False]):
+    for compile_ in [mode == "compiled" for mode in args.modes]:
         mode = "compiled" if compile_ else "eager"
         plain_rates, plain_tokens = {}, {}
         for config in ["plain"] + [c for c in args.configs if c != "plain"]:

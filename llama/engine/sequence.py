@@ -48,6 +48,8 @@ class Sequence:
         # its row in the draft's cache that hold the draft's keys of its tokens, and drafts fed this round.
         self.draft_len = 0
         self.draft_fed = 0
+        self.spec_pause = 0  # decode steps left before it drafts again (`Speculator.accept`) ...
+        self.spec_backoff = 0  # ... after a pause this long
 
     @property
     def finished(self) -> bool:

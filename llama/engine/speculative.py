@@ -19,8 +19,10 @@ One round, for the rows that speculate (the engine's `Engine.step` runs it in pl
 p and q are the distributions the sampler draws from (`llama.processors.next_token_probs`):
 every control (temperature, top-k, top-p, min-p, logit bias, penalties, bad words, min_gen_len)
 applies to both in the same way, position by position, with the drafts before it as context.
-Requests with a grammar do not speculate (a grammar's matcher would have to follow every draft
-and be rolled back), nor requests with several rows once one has ended; the rows of one request
+A row whose drafts were all refused pauses drafting for 1, 2, 4, ... (at most MAX_PAUSE) steps,
+decoding plainly, until a draft of it is kept again: which rounds speculate never changes what is
+drawn, only how fast. Requests with a grammar do not speculate (a grammar's matcher would have to
+follow every draft and be rolled back), nor requests with several rows once one has ended; the rows of one request
 keep the same number of new tokens each round (as many as its row with the fewest), since the
 request's token history is one (k, t) tensor.
 
@@ -220,6 +222,12 @@ def accept(p: torch.Tensor, q: Optional[torch.Tensor], drafts: torch.Tensor, len
 # --- One round -----------------------------------------------------------------------------------
 
 
+# Most decode steps a row waits before drafting again after its drafts were refused from the first
+# token on: a verify pass costs 2 to 3 decode steps on CPUs (small matrix products), so text that
+# does not follow the drafts (prompt lookup on new text) must not be verified every step.
+MAX_PAUSE = 16
+
+
 class Speculator:
     """Runs speculative rounds for an engine with one proposer.
 
@@ -233,13 +241,18 @@ class Speculator:
 
     def wanted(self, batch: List[Sequence], max_seq_len: int) -> List[int]:
         """Drafts to ask for, per row: k, fewer near the row's length limit (a round adds up to
-        n + 1 tokens), none for rows that do not speculate; all fewer when a row is near the end of
-        the context (the verify pass is as wide as the widest row, and every row's positions must fit)."""
+        n + 1 tokens), none for rows that do not speculate or pause (`accept`); all fewer when a row
+        is near the end of the context (the verify pass is as wide as the widest row, and every
+        row's positions must fit)."""
         width = max_seq_len - max(min(seq.cache_len, max_seq_len - 1) for seq in batch)  # positions T may span
         wanted = []
         for seq in batch:
             left = seq.stop.limit - seq.stop.num_tokens  # tokens the row may still add
-            wanted.append(max(0, min(self.k, left - 1, width - 1)) if can_speculate(seq.request) else 0)
+            if seq.spec_pause > 0:
+                seq.spec_pause -= 1
+                wanted.append(0)
+            else:
+                wanted.append(max(0, min(self.k, left - 1, width - 1)) if can_speculate(seq.request) else 0)
         return wanted
 
     def propose(self, runner, batch: List[Sequence], max_seq_len: int) -> Optional[Drafts]:
@@ -275,8 +288,11 @@ class Speculator:
         new_tokens = [(drafts[row][: kept_list[row]] + [after_list[row]])[:n_new] for row in range(k)]
         request.generated = torch.cat(
             [request.generated, torch.tensor(new_tokens, dtype=torch.long, device=logits.device)], dim=1)
-        for seq in request.sequences:
+        for seq, draft, kept in zip(request.sequences, drafts, kept_list):
             self.proposer.update(seq, n_new - 1)
+            if draft:  # a wasted draft pauses the row's drafting: 1, 2, 4, ... steps, MAX_PAUSE at most
+                seq.spec_backoff = 0 if kept else min(max(1, 2 * seq.spec_backoff), MAX_PAUSE)
+                seq.spec_pause = seq.spec_backoff
         return new_tokens, sum(min(kept, n_new) for kept in kept_list)
 
     @staticmethod
