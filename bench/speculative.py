@@ -66,7 +66,7 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--speculative-tokens", type=int, default=None, help="draft tokens per round "
-                        "(default: the library's, 4 for model drafts, 8 for prompt lookup)")
+                        "(default: the library's, 4 for model drafts, 16 for prompt lookup)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)

@@ -71,7 +71,7 @@ class PromptLookup:
 
     name = "prompt-lookup"
 
-    def __init__(self, k: int = 8, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, k: int = 16, max_ngram: int = 3, min_ngram: int = 1):
         self.k, self.max_ngram, self.min_ngram = k, max_ngram, min_ngram
 
     def propose(self, runner, batch: List[Sequence], wanted: List[int]) -> Drafts:
