@@ -83,6 +83,23 @@ def test_compiled_drafts_give_the_same_tokens(plain, tiny_checkpoints, llama3_to
     assert compiled.engine.counters["accepted_tokens"] > 0
 
 
+@pytest.mark.parametrize("proposer", ["prompt-lookup", "int8"])
+def test_bundled_model_greedy_tokens_equal_plain_decoding(bundled_model, proposer):
+    """The real SmolLM2 (where drafts are mostly right): speculation changes no greedy token, batched or alone."""
+    ckpt_dir, tokenizer_path = bundled_model
+    options = dict(max_seq_len=256, max_batch_size=2)
+    plain_model = Llama.build(ckpt_dir, tokenizer_path, **options)
+    dialogs = [[{"role": "user", "content": "Repeat after me: the quick brown fox jumps over the lazy dog."}],
+               [{"role": "user", "content": "Describe the water cycle."}]]
+    prompts = [plain_model.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
+    expected, _ = plain_model.generate(prompts, max_gen_len=24, temperature=0)
+    del plain_model
+    fast = Llama.build(ckpt_dir, tokenizer_path, speculative=proposer, **options)
+    assert fast.generate(prompts, max_gen_len=24, temperature=0)[0] == expected
+    assert [fast.generate([p], max_gen_len=24, temperature=0)[0][0] for p in prompts] == expected
+    assert fast.engine.counters["accepted_tokens"] > 0
+
+
 def test_opting_out_per_call(speculative):
     before = speculative.engine.counters["draft_tokens"]
     speculative.generate(PROMPTS, max_gen_len=10, temperature=0, speculative=False)
