@@ -363,10 +363,8 @@ class Llama:
         params = self.sampling_params(temperature, top_p, **controls)
         generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)
         rows = [prompt for prompt in prompt_tokens for _ in range(n)]  # each prompt n times in a row
-        request = self.engine.request(rows, params, max_gen_len, generator=generator, stop=_strings("stop", stop),
-                                      text=text, logprobs=logprobs)
-        request.speculative = bool(speculative)
-        return request
+        return self.engine.request(rows, params, max_gen_len, generator=generator, stop=_strings("stop", stop),
+                                   text=text, logprobs=logprobs, speculative=bool(speculative))
 
     def sampling_params(self, temperature: float = 0.6, top_p: float = 0.9, **controls) -> SamplingParams:
         """The validated sampling controls for `generate`'s keyword options (bad words read with this tokenizer).

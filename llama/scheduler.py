@@ -226,8 +226,7 @@ class Scheduler:
         # Building a request only reads the engine's limits: safe from any thread.
         job.request = self.engine.request([job.prompt_tokens] * job.n, job.params, job.max_new_tokens,
                                           generator=generator, stop=job.stop, text=True, logprobs=job.logprobs,
-                                          top_logprobs=job.top_logprobs)
-        job.request.speculative = job.speculative
+                                          top_logprobs=job.top_logprobs, speculative=job.speculative)
         with self._lock:
             free_slots = self.max_batch_size - len(self.engine.running)
             if self._waiting() >= self.queue_size + max(free_slots, 0):

@@ -95,7 +95,7 @@ class Engine:
 
     def request(self, prompts: List[List[int]], params: SamplingParams, max_new_tokens: int, *,
                 generator: torch.Generator, stop=(), text: bool = False, logprobs: bool = False,
-                top_logprobs: int = 0) -> Request:
+                top_logprobs: int = 0, speculative: bool = True) -> Request:
         """A request continuing each prompt (one sequence each), not yet added.
 
         Args:
@@ -106,6 +106,7 @@ class Engine:
             stop: stop strings.
             text: decode each sequence's text as it grows (`TokenOutput.text`).
             logprobs, top_logprobs: record each token's log-probability, and this many alternatives.
+            speculative: False: never drafted for, when the engine speculates.
         """
         if len(prompts) > self.max_batch_size:
             raise ValueError(f"{len(prompts)} sequences exceed max_batch_size={self.max_batch_size}")
@@ -116,7 +117,7 @@ class Engine:
             stop_criteria = StopCriteria(self.tokenizer, len(prompt), max_new_tokens, self.max_seq_len,
                                          stop=stop, text=text)
             sequences.append(Sequence(prompt, stop_criteria, logprobs=logprobs, top_logprobs=top_logprobs))
-        return Request(sequences, params, generator)
+        return Request(sequences, params, generator, speculative=speculative)
 
     # --- Between steps (the driver's thread) ---
 

@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from llama.engine.kv_cache import CacheLayout
 from llama.model import Transformer
 from llama.parallel import make_compilable
 
@@ -93,10 +94,10 @@ class ModelRunner:
         self._decode = self._decode_rows
         self.draft: Optional["ModelRunner"] = None
         if draft is not None:
-            cache = draft.layers[0].attention.cache.k.shape  # (rows, kv heads, positions, head dim)
-            if (cache[0], cache[2]) != (model.params.max_batch_size, self.max_seq_len):
-                raise ValueError(f"the draft's KV cache has {cache[0]} rows of {cache[2]} positions, the model's "
-                                 f"{model.params.max_batch_size} of {self.max_seq_len}: build both alike")
+            cache = CacheLayout.of(draft)
+            if (cache.rows, cache.positions) != (model.params.max_batch_size, self.max_seq_len):
+                raise ValueError(f"the draft's KV cache has {cache.rows} rows of {cache.positions} positions, the "
+                                 f"model's {model.params.max_batch_size} of {self.max_seq_len}: build both alike")
             self.draft = ModelRunner(draft, compile=compile)
         if compile:
             make_compilable(model)  # fairscale's layers -> traceable twins with the same weights

@@ -73,9 +73,11 @@ class Request:
         sequences: its sequences, in the order their rows are filled.
         params: how each next token is chosen.
         generator: the random generator every draw of this request comes from.
+        speculative: False: never drafted for (`generate(speculative=False)`, a server request's opt-out).
     """
 
-    def __init__(self, sequences: List[Sequence], params: SamplingParams, generator: torch.Generator):
+    def __init__(self, sequences: List[Sequence], params: SamplingParams, generator: torch.Generator,
+                 speculative: bool = True):
         self.id = next(_ids)
         self.sequences = sequences
         self.params = params
@@ -86,7 +88,7 @@ class Request:
         self.prompts: Optional[torch.Tensor] = None  # (k, L) prompts left-padded with -1
         self.generated: Optional[torch.Tensor] = None  # (k, t) every token sampled so far
         self.grammar: Optional["GrammarState"] = None  # with params.grammar: its rows' matchers, made by the sampler
-        self.speculative = True  # False: never drafted for (`generate(speculative=False)`, a server request's opt-out)
+        self.speculative = speculative
 
     @property
     def finished(self) -> bool:

@@ -237,7 +237,6 @@ class Speculator:
 
     def __init__(self, proposer):
         self.proposer = proposer
-        self.k = proposer.k
 
     def wanted(self, batch: List[Sequence], max_seq_len: int) -> List[int]:
         """Drafts to ask for, per row: k, fewer near the row's length limit (a round adds up to
@@ -252,7 +251,7 @@ class Speculator:
                 seq.spec_pause -= 1
                 wanted.append(0)
             else:
-                wanted.append(max(0, min(self.k, left - 1, width - 1)) if can_speculate(seq.request) else 0)
+                wanted.append(max(0, min(self.proposer.k, left - 1, width - 1)) if can_speculate(seq.request) else 0)
         return wanted
 
     def propose(self, runner, batch: List[Sequence], max_seq_len: int) -> Optional[Drafts]:
