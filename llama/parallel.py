@@ -5,15 +5,14 @@ their input dirty (`ctx.mark_dirty`), which `torch.compile` cannot trace. The
 twins below hold the very same parameters and compute the same thing, with
 the collectives written as functional collectives that the compiler can
 place in its graph. `make_compilable(model)` swaps them in from outside the
-model, as quantization does; eager models keep fairscale's layers.
+model, as quantization does.
 
 On one rank every collective is skipped, as fairscale does.
 
-The twins' matmul is `linear`: compiled for one row of activations on the CPU (a
-batch-1 decode step) it is written as a multiply-and-sum (`streamed_matmul`), which
-inductor turns into one vectorized loop streaming the weight at about the memory's bandwidth,
-where MKL's fp32 matrix-vector product reaches half of it on AMD CPUs
-(`python -m bench.linear_kernels`).
+The engine (`llama.engine.model_runner`) runs the twins, compiled or not. Their matmul
+is `linear`: for the few rows of activations of a decode step on the CPU it is
+`llama.kernels.linear_f32`, which streams the weight at about the memory's bandwidth where
+MKL's fp32 matrix-vector product reaches half of it (`python -m bench.linear_kernels`).
 """
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -27,6 +26,8 @@ from fairscale.nn.model_parallel.layers import (
     VocabParallelEmbedding,
 )
 from torch import nn
+
+from llama import kernels
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -43,23 +44,11 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return funcol.all_gather_tensor(x, x.dim() - 1, fs_init.get_model_parallel_group())
 
 
-def compiling_one_row(x: torch.Tensor) -> bool:
-    """Whether a matmul of x is being compiled on the CPU for one row of activations (a batch-1
-    decode step), where `streamed_matmul` beats MKL's matrix-vector product."""
-    return torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
-
-
-def streamed_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ for one row, (..., K) x (N, K) -> (..., N), written as a multiply-and-sum over K.
-    Compiled, it is one vectorized loop over the weight's rows, each read from memory once, at about
-    the memory's bandwidth; a dtype conversion of `weight` (int8 -> fp32) fuses into the same loop.
-    (For several rows inductor vectorizes that loop across the rows instead, slower than MKL.)"""
-    return (x[..., None, :] * weight).sum(-1)  # (..., 1, K) * (N, K) summed over K, never materialized
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ: (..., K) x (N, K) -> (..., N)."""
-    return streamed_matmul(x, weight) if compiling_one_row(x) else F.linear(x, weight)
+    """x Wᵀ: (..., K) x (N, K) -> (..., N); a decode step's few rows on the CPU stream W with `llama.kernels`."""
+    if kernels.usable(x, weight.shape[1]) and weight.dtype == torch.float32:
+        return kernels.linear_f32(x, weight)
+    return F.linear(x, weight)
 
 
 class ColumnParallel(nn.Module):
@@ -81,6 +70,9 @@ class RowParallel(nn.Module):
     def __init__(self, layer: RowParallelLinear):
         super().__init__()
         self.weight = layer.weight  # (out_features, in_features / ranks)
+        if not layer.input_is_parallel:
+            raise ValueError("the twin of RowParallelLinear takes inputs already split (input_is_parallel=True)")
+        self.input_is_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(linear(x, self.weight))
@@ -92,13 +84,13 @@ class VocabParallel(nn.Module):
     def __init__(self, layer: VocabParallelEmbedding):
         super().__init__()
         self.weight = layer.weight  # (vocab_size / ranks, dim)
-        self.vocab_start, self.vocab_end = layer.vocab_start_index, layer.vocab_end_index
+        self.vocab_start_index, self.vocab_end_index = layer.vocab_start_index, layer.vocab_end_index
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if fs_init.get_model_parallel_world_size() == 1:
             return F.embedding(tokens, self.weight)
-        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
-        local = torch.where(outside, 0, tokens - self.vocab_start)
+        outside = (tokens < self.vocab_start_index) | (tokens >= self.vocab_end_index)
+        local = torch.where(outside, 0, tokens - self.vocab_start_index)
         rows = F.embedding(local, self.weight).masked_fill(outside[..., None], 0.0)
         return all_reduce(rows)
 
@@ -120,6 +112,13 @@ _TWINS = {
     VocabParallelEmbedding: VocabParallel,
     ParallelEmbedding: DimParallel,
 }
+
+
+# Each fairscale layer or its twin (what quantization replaces, whichever the model holds).
+COLUMN_PARALLEL = (ColumnParallelLinear, ColumnParallel)
+ROW_PARALLEL = (RowParallelLinear, RowParallel)
+VOCAB_PARALLEL = (VocabParallelEmbedding, VocabParallel)
+DIM_PARALLEL = (ParallelEmbedding, DimParallel)
 
 
 def make_compilable(model: nn.Module) -> nn.Module:

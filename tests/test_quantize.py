@@ -19,7 +19,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 
 import llama.quantize as quantize
-from llama import Llama
+from llama import Llama, kernels
 from llama.checkpoint import find_shards, load_model, read_params, reshard
 from llama.default_model import DEFAULT_MODEL_NAME, checkpoints_dir
 from llama.model import ModelArgs
@@ -93,27 +93,37 @@ def test_int8_linear(kind):
 
 
 def test_int8_linear_fallback_path(monkeypatch):
-    """Where the CPU kernel is unavailable (GPUs): dequantize-and-multiply in x's dtype."""
+    """Where the CPU kernels are unavailable (GPUs): dequantize-and-multiply in x's dtype."""
     q = Int8Linear.from_float(float_linear("column", 64, 40))
     x = randn(3, 64)
+    monkeypatch.setattr(kernels, "usable", lambda *args, **kwargs: False)
     monkeypatch.setattr(quantize.modules, "_has_aten", lambda name: False)
     assert (q(x) - F.linear(x, q.dequantize())).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("out_features", [48, 40])  # 40: not a multiple of 16, so no CPU kernel
-def test_int4_linear(group_size, out_features):
+@pytest.mark.parametrize("out_features", [48, 40])  # 40: not a multiple of 16, so no tinygemm kernel
+@pytest.mark.parametrize("kernel", ["llama", "aten"])  # llama.kernels, or ATen's where they cannot run
+def test_int4_linear(group_size, out_features, kernel, monkeypatch):
+    if kernel == "aten":
+        monkeypatch.setattr(kernels, "load", lambda: False)
+        monkeypatch.setattr(kernels, "usable", lambda *args, **kwargs: False)
+    elif not kernels.load():
+        pytest.skip("llama.kernels cannot run here")
     layer = float_linear("row", 256, out_features)
     q = Int4Linear.from_float(layer, group_size)
-    assert q.cpu_packed == (out_features % 16 == 0)
+    assert q.packing == ("blocks" if kernel == "llama" else "tinygemm" if out_features % 16 == 0 else None)
     x = randn(2, 3, 256)
     out = q(x)
     assert out.shape == (2, 3, out_features)
-    if q.cpu_packed:
+    reference = F.linear(x, q.dequantize())
+    if q.packing == "blocks":  # activations quantized to int8 in blocks of 32 (tests/test_kernels.py)
+        assert (out - reference).abs().max() <= 0.02 * reference.abs().max()
+    elif q.packing == "tinygemm":  # activations in bf16
         reference = F.linear(x.bfloat16().float(), q.dequantize())
         assert (out - reference).abs().max() <= 2**-7 * reference.abs().max()
     else:
-        assert (out - F.linear(x, q.dequantize())).abs().max() <= 1e-5
+        assert (out - reference).abs().max() <= 1e-5
     assert relative_error(out, layer(x)) < 0.12
 
     # The state dict holds portable nibbles, whatever the in-memory layout, and loads back.

@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from llama import kernels
 from llama.engine.kv_cache import CacheLayout
 from llama.model import Transformer
 from llama.parallel import make_compilable
@@ -36,8 +37,7 @@ def compile_decode_step(step: Callable[..., torch.Tensor], device: torch.device)
     so the first compilation takes seconds, not the minutes of a 30-layer graph. The weights stay
     inputs of the graph (nothing is frozen into it), so inductor's on-disk caches apply and a later
     process loads the compiled code instead of compiling it again (`TORCHINDUCTOR_CACHE_DIR`, by
-    default /tmp/torchinductor_$USER). Batch-1 matmuls compile to streaming loops
-    (`llama.parallel.streamed_matmul`).
+    default /tmp/torchinductor_$USER). Matmuls of a few rows call `llama.kernels` from the graph.
     """
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -99,8 +99,11 @@ class ModelRunner:
                 raise ValueError(f"the draft's KV cache has {cache.rows} rows of {cache.positions} positions, the "
                                  f"model's {model.params.max_batch_size} of {self.max_seq_len}: build both alike")
             self.draft = ModelRunner(draft, compile=compile)
+        if self.device.type == "cpu":
+            kernels.load()  # built on first use, before any step is traced
+        # fairscale's layers -> traceable twins with the same weights, which take the CPU kernels
+        make_compilable(model)
         if compile:
-            make_compilable(model)  # fairscale's layers -> traceable twins with the same weights
             self._decode = compile_decode_step(self._decode_rows, self.device)
 
     # --- Lockstep under torchrun ---

@@ -17,8 +17,9 @@ any int8 checkpoint: only which codes are chosen differs.
 from typing import Dict
 
 import torch
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
+
+from llama.parallel import COLUMN_PARALLEL, ROW_PARALLEL
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def input_second_moments(model: nn.Module, tokens: torch.Tensor) -> Dict[str, to
     hooks = [
         module.register_forward_pre_hook(accumulate(name))
         for name, module in model.named_modules()
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear))
+        if isinstance(module, COLUMN_PARALLEL + ROW_PARALLEL)
     ]
     try:
         model(tokens, 0)

@@ -9,16 +9,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelEmbedding,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
 from fairscale.nn.model_parallel.mappings import scatter_to_model_parallel_region
 from torch import nn
 
-from llama.parallel import all_gather_last_dim, all_reduce
+from llama import kernels
+from llama.parallel import COLUMN_PARALLEL, DIM_PARALLEL, ROW_PARALLEL, VOCAB_PARALLEL, all_gather_last_dim, all_reduce
 from llama.quantize.kernels import (
     DEFAULT_GROUP_SIZE,
     INT4_GROUP_SIZES,
@@ -66,10 +61,10 @@ class QuantizedLinear(nn.Module):
         if getattr(linear, "bias", None) is not None:
             raise ValueError("quantization supports bias-free linears only (Llama has no biases)")
         out_features, in_features = linear.weight.shape  # local shard
-        if isinstance(linear, ColumnParallelLinear):
+        if isinstance(linear, COLUMN_PARALLEL):
             return dict(in_features=in_features, out_features=out_features, parallel="column",
                         gather_output=linear.gather_output)
-        if isinstance(linear, RowParallelLinear):
+        if isinstance(linear, ROW_PARALLEL):
             return dict(in_features=in_features, out_features=out_features, parallel="row",
                         input_is_parallel=linear.input_is_parallel)
         raise TypeError(f"expected a fairscale Column/RowParallelLinear, got {type(linear).__name__}")
@@ -110,6 +105,8 @@ class Int8Linear(QuantizedLinear):
         return self.weight.float() * self.scales.float()[:, None]  # (N, K)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.usable(x, self.in_features, multiple=kernels.BLOCK):
+            return kernels.linear_int8(x, self.weight, self.scales)
         if x.device.type == "cpu" and _has_aten("_weight_int8pack_mm"):
             # The CPU kernel streams int8 weights fast only for bf16 activations (~12x slower for fp32).
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
@@ -149,11 +146,13 @@ class Int4Linear(QuantizedLinear):
     Buffers: weight (N, K/2) uint8, two 4-bit codes a byte; scales_and_zeros
     (K/group_size, N, 2) bf16; W[n, k] ~= (code - 8) * scale + zero.
 
-    On CPU (and N a multiple of 16) `weight` holds the kernel's own packing,
-    which depends on the CPU's vector width; `state_dict()` unpacks it to the
-    portable nibbles of `pack_nibbles`, and `load_state_dict` packs them again.
-    Elsewhere `weight` holds the portable nibbles and is dequantized per call.
-    Move an int4 model between devices by saving and loading its state dict.
+    On CPU `weight` holds a kernel's own packing (`packing`): "blocks" for `llama.kernels`
+    (which also reads the scales row by row: scales_and_zeros is then a (K/group_size, N, 2)
+    view of an (N, K/group_size, 2) tensor), else "tinygemm" for
+    `aten._weight_int4pack_mm_for_cpu` (N a multiple of 16), whose layout depends on the CPU's
+    vector width. `state_dict()` unpacks either to the portable nibbles of `pack_nibbles`, and
+    `load_state_dict` packs them again. Elsewhere `weight` holds the portable nibbles and is
+    dequantized per call. Move an int4 model between devices by saving and loading its state dict.
     """
 
     def __init__(self, in_features: int, out_features: int, parallel: str, group_size: int = DEFAULT_GROUP_SIZE,
@@ -163,7 +162,7 @@ class Int4Linear(QuantizedLinear):
             raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES} dividing in_features "
                              f"({in_features}), got {group_size}")
         self.group_size = group_size
-        self.cpu_packed = False  # True: weight is in the CPU kernel's layout, not portable nibbles
+        self.packing: Optional[str] = None  # None: portable nibbles; "blocks" or "tinygemm": a CPU kernel's
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         n_groups = in_features // group_size
         self.register_buffer(
@@ -178,19 +177,25 @@ class Int4Linear(QuantizedLinear):
         return module
 
     def _pack_for_cpu(self) -> None:
-        """Converts portable nibbles to the CPU kernel's layout, where that kernel runs."""
-        if (self.cpu_packed or self.weight.device.type != "cpu" or self.out_features % 16 != 0
-                or not _has_aten("_weight_int4pack_mm_for_cpu")):
+        """Converts portable nibbles to a CPU kernel's layout, where one runs."""
+        if self.packing is not None or self.weight.device.type != "cpu":
             return
-        codes = unpack_nibbles(self.weight).to(torch.int32)  # (N, K)
-        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # (N, K/2) uint8
-        self.cpu_packed = True
+        codes = unpack_nibbles(self.weight)  # (N, K)
+        if kernels.load():
+            self.weight = kernels.pack_int4_blocks(codes)
+            self.scales_and_zeros = self.scales_and_zeros.transpose(0, 1).contiguous().transpose(0, 1)
+            self.packing = "blocks"
+        elif self.out_features % 16 == 0 and _has_aten("_weight_int4pack_mm_for_cpu"):
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            self.packing = "tinygemm"
 
     def portable_weight(self) -> torch.Tensor:
         """The (N, K/2) portable nibbles, whatever the in-memory layout."""
-        if not self.cpu_packed:
+        if self.packing is None:
             return self.weight
-        # The kernel itself unpacks: with scale 1 and zero 0 it maps the identity
+        if self.packing == "blocks":
+            return pack_nibbles(kernels.unpack_int4_blocks(self.weight))
+        # The tinygemm kernel itself unpacks: with scale 1 and zero 0 it maps the identity
         # to (code - 8), small integers that bf16 holds exactly.
         k = self.in_features
         unit = torch.zeros_like(self.scales_and_zeros)
@@ -203,28 +208,31 @@ class Int4Linear(QuantizedLinear):
         return dequantize_int4(self.portable_weight(), self.scales_and_zeros, self.group_size)  # (N, K) fp32
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_packed:
-            if x.device.type != "cpu":
-                raise RuntimeError("this Int4Linear is packed for the CPU kernel; load its state dict on the "
-                                   f"{x.device.type} device instead of moving the module")
+        if self.packing is not None and x.device.type != "cpu":
+            raise RuntimeError("this Int4Linear is packed for a CPU kernel; load its state dict on the "
+                               f"{x.device.type} device instead of moving the module")
+        if self.packing == "blocks" and kernels.usable(x, self.in_features, multiple=kernels.BLOCK):
+            return kernels.linear_int4(x, self.weight, self.scales_and_zeros.transpose(0, 1), self.group_size)
+        if self.packing == "tinygemm":
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
             sz = self.scales_and_zeros.to(torch.bfloat16)
             out = int4pack_mm_cpu(x2, self.weight, self.group_size, sz)
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (B, T, N)
-        return F.linear(x, self.dequantize().to(x.dtype))
+        return F.linear(x, self.dequantize().to(x.dtype))  # prefills (many rows): one GEMM
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight"] = self.portable_weight()
+        destination[prefix + "scales_and_zeros"] = self.scales_and_zeros.contiguous()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self.cpu_packed = False  # the state dict holds portable nibbles
+        self.packing = None  # the state dict holds portable nibbles
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "weight" in state_dict and self.weight.device.type != "meta":
             self._pack_for_cpu()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}, cpu_packed={self.cpu_packed}"
+        return f"{super().extra_repr()}, group_size={self.group_size}, packing={self.packing}"
 
 
 class Int8Embedding(nn.Module):
@@ -248,10 +256,10 @@ class Int8Embedding(nn.Module):
     @staticmethod
     def layout_of(embedding: nn.Module) -> dict:
         num_embeddings, embedding_dim = embedding.weight.shape  # local shard
-        if isinstance(embedding, VocabParallelEmbedding):
+        if isinstance(embedding, VOCAB_PARALLEL):
             return dict(num_embeddings=num_embeddings, embedding_dim=embedding_dim, split="vocab",
                         vocab_start=embedding.vocab_start_index, vocab_end=embedding.vocab_end_index)
-        if isinstance(embedding, ParallelEmbedding):
+        if isinstance(embedding, DIM_PARALLEL):
             return dict(num_embeddings=num_embeddings, embedding_dim=embedding_dim, split="dim")
         raise TypeError(f"expected a fairscale (Vocab)ParallelEmbedding, got {type(embedding).__name__}")
 

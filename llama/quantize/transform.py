@@ -3,16 +3,11 @@
 from typing import Dict, Optional, Set, Tuple
 
 import torch
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelEmbedding,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
 from torch import nn
 
 from llama.checkpoint import SkeletonTransform
 from llama.model import Transformer
+from llama.parallel import COLUMN_PARALLEL, DIM_PARALLEL, ROW_PARALLEL, VOCAB_PARALLEL
 from llama.quantize.gptq import input_second_moments
 from llama.quantize.kernels import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES
 from llama.quantize.modules import (
@@ -41,12 +36,12 @@ def check_mode(mode: str, group_size: int) -> None:
 
 
 def _targets(model: Transformer) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Module]]:
-    """{name: module} of the fairscale linears and embeddings that quantization replaces."""
+    """{name: module} of the fairscale linears and embeddings (or their twins) that quantization replaces."""
     linears, embeddings = {}, {}
     for name, module in model.named_modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+        if isinstance(module, COLUMN_PARALLEL + ROW_PARALLEL):
             linears[name] = module
-        elif isinstance(module, (VocabParallelEmbedding, ParallelEmbedding)):
+        elif isinstance(module, VOCAB_PARALLEL + DIM_PARALLEL):
             embeddings[name] = module
     if not linears:
         raise ValueError("the model has no fairscale linear left to quantize (is it quantized already?)")

@@ -1,0 +1,158 @@
+"""Matrix products for CPU decoding, hand-written in C++ (`matmul.cpp`) and built on first use.
+
+A decode step multiplies a few rows of activations (one per sequence, or the k + 1 positions of
+a speculative verify pass) with every weight of the model, so its speed is how fast the weights
+stream from memory. MKL's fp32 matrix-vector and small matrix products reach a third to half of
+the memory's bandwidth on these CPUs, and ATen's int8/int4 weight-only kernels are compute-bound
+for fp32 activations. `matmul.cpp` streams each weight once per call at up to 16 rows of
+activations, fp32, int8 (a scale per row) or int4 (a scale and zero per group of columns):
+
+    linear_f32(x, w)                      x (..., K) fp32 @ w (N, K)ᵀ          -> (..., N) fp32
+    linear_int8(x, q, scales)             w = q (N, K) int8 * scales (N,) bf16
+    linear_int4(x, q, sz, group_size)     w = (q - 8) * scale + zero, q (N, K/2) in `pack_int4_blocks`
+                                          layout, sz (N, K/group_size, 2) bf16 [scale, zero]
+
+`usable(x)` says whether a call with these activations should take them: x86-64 with AVX2 and
+FMA, a C++ compiler to build the extension (once per machine and torch version, cached under
+LLAMA_KERNELS_CACHE, default ~/.cache/llama/kernels), fp32 activations on the CPU, at most
+MAX_ROWS rows and no autograd. Elsewhere the callers use PyTorch's own kernels. LLAMA_KERNELS=0
+turns them off (to compare against PyTorch's, say). They are opaque to torch.compile, which
+calls them from its graph as they are (`register_fake` gives it their output shapes).
+"""
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.utils.cpp_extension
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 32  # int8/int4 weights: in_features a multiple of this (activations are quantized in blocks of 32)
+MAX_ROWS = 16  # more rows of activations: PyTorch's matrix products (MKL's GEMM) are faster
+SOURCE = Path(__file__).with_name("matmul.cpp")
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-fopenmp", "-DNDEBUG"]
+
+_lock = threading.Lock()
+_loaded: Optional[bool] = None  # None: not tried yet
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA_KERNELS_CACHE", Path.home() / ".cache" / "llama" / "kernels"))
+
+
+def _build_command(output: Path) -> list:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
+    includes = [f"-I{path}" for path in torch.utils.cpp_extension.include_paths()]
+    libraries = [f"-L{path}" for path in torch.utils.cpp_extension.library_paths()]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    return [compiler, *FLAGS, abi, *includes, str(SOURCE), "-o", str(output), *libraries, "-lc10", "-ltorch_cpu"]
+
+
+def _library() -> Path:
+    """The built extension, compiled now if this source, torch and compiler have not built it before."""
+    command = _build_command(Path("matmul.so"))
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, *command]).encode()).hexdigest()[:16]
+    library = _cache_dir() / f"matmul-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("building the CPU matmul kernels (%s), once per machine and torch version", library)
+    # Built under a temporary name and renamed: processes building at once (torchrun's ranks) each
+    # write their own file, and none loads a half-written one.
+    with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as partial:
+        output = Path(partial.name)
+    try:
+        result = subprocess.run(_build_command(output), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(output, library)
+    finally:
+        output.unlink(missing_ok=True)
+    return library
+
+
+def _supported_machine() -> bool:
+    return platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in (
+        "AVX2", "AVX512") and sysconfig.get_platform().startswith("linux")
+
+
+def load() -> bool:
+    """Builds (first time) and loads the kernels; False, with the reason logged, where they cannot run."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = False
+            if os.environ.get("LLAMA_KERNELS", "1") == "0":
+                logger.info("CPU matmul kernels turned off by LLAMA_KERNELS=0")
+            elif not _supported_machine():
+                logger.info("CPU matmul kernels need Linux on x86-64 with AVX2; using PyTorch's")
+            else:
+                try:
+                    torch.ops.load_library(str(_library()))
+                    _register_fakes()
+                    _loaded = True
+                except (OSError, RuntimeError) as error:
+                    logger.warning("CPU matmul kernels unavailable, using PyTorch's: %s", error)
+        return _loaded
+
+
+def _register_fakes() -> None:
+    for name in ("linear_f32", "linear_int8", "linear_int4"):
+        torch.library.register_fake(f"llama_kernels::{name}")(
+            lambda x, weight, *args: x.new_empty(x.shape[0], weight.shape[0]))
+
+
+def usable(x: torch.Tensor, in_features: int, multiple: int = 8) -> bool:
+    """Whether a product of these activations (..., in_features) should run on the kernels."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or in_features % multiple != 0:
+        return False
+    if x.shape[:-1].numel() > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return bool(_loaded) or (_loaded is None and not torch.compiler.is_compiling() and load())
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+
+
+def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    out = torch.ops.llama_kernels.linear_f32(_rows(x), weight)  # (M, N)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    out = torch.ops.llama_kernels.linear_int8(_rows(x), weight, scales)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_int4(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    out = torch.ops.llama_kernels.linear_int4(_rows(x), weight, scales_and_zeros, group_size)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes 0..15 -> (N, K/2) uint8 in the kernel's layout: in each block of 32 columns,
+    byte j holds column j (low nibble) and column j + 16 (high)."""
+    n, k = codes.shape
+    blocks = codes.to(torch.uint8).view(n, k // 32, 2, 16)  # (N, blocks, half, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4_blocks(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4_blocks: (N, K/2) uint8 -> (N, K) codes."""
+    n, half = packed.shape
+    blocks = packed.view(n, half // 16, 1, 16)
+    return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(n, half * 2)

@@ -1,0 +1,127 @@
+"""The CPU matmul kernels (llama/kernels/matmul.cpp) against references computed here in float64:
+fp32 weights against x Wᵀ; int8 and int4 weights against the same products with the activations
+quantized to int8 in blocks of 32, as the kernels do, and against the unquantized products."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import kernels
+from llama.quantize.kernels import dequantize_int4, quantize_int4_groups, quantize_int8_rows, unpack_nibbles
+
+pytestmark = pytest.mark.skipif(not kernels.load(), reason="the CPU kernels need Linux on x86-64 with AVX2")
+
+ROWS = [1, 2, 3, 5, 8, 16]  # rows of activations: odd counts take the kernels' tail paths
+SHAPES = [(37, 64), (100, 192), (576, 96)]  # (N, K): N not a multiple of the 4-row tiles, too
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x with each block of 32 columns rounded to int8 steps of max|block| / 127 (ties to even)."""
+    blocks = x.double().view(*x.shape[:-1], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True).float().double() / 127  # the kernel computes it in fp32
+    codes = torch.where(scale > 0, torch.round(blocks / scale.clamp(min=1e-300)), 0)
+    return (codes * scale).view(x.shape)
+
+
+def assert_close(out: torch.Tensor, reference: torch.Tensor, tolerance: float):
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    assert (out.double() - reference).abs().max() <= tolerance * reference.abs().max()
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_fp32(rows, n, k):
+    torch.manual_seed(rows * n)
+    x, w = torch.randn(rows, k), torch.randn(n, k)
+    assert_close(kernels.linear_f32(x, w), x.double() @ w.double().T, 1e-6)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_int8(rows, n, k):
+    torch.manual_seed(rows * n + 1)
+    x, w = torch.randn(rows, k), torch.randn(n, k)
+    q, scales = quantize_int8_rows(w)
+    dequantized = q.double() * scales.double()[:, None]
+    out = kernels.linear_int8(x, q, scales)
+    assert_close(out, quantized_activations(x) @ dequantized.T, 1e-6)
+    assert_close(out, x.double() @ dequantized.T, 0.02)  # what quantizing the activations costs
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("rows", ROWS)
+def test_int4(rows, group_size):
+    torch.manual_seed(rows + group_size)
+    x, w = torch.randn(rows, 256), torch.randn(45, 256)
+    nibbles, scales_and_zeros = quantize_int4_groups(w, group_size)  # (N, K/2), (G, N, 2)
+    dequantized = dequantize_int4(nibbles, scales_and_zeros, group_size).double()
+    packed = kernels.pack_int4_blocks(unpack_nibbles(nibbles))
+    out = kernels.linear_int4(x, packed, scales_and_zeros.transpose(0, 1).contiguous(), group_size)
+    assert_close(out, quantized_activations(x) @ dequantized.T, 1e-5)
+    assert_close(out, x.double() @ dequantized.T, 0.02)
+
+
+def test_int4_block_layout_round_trips():
+    codes = torch.randint(0, 16, (7, 96), dtype=torch.uint8)
+    packed = kernels.pack_int4_blocks(codes)
+    assert packed.shape == (7, 48)
+    # byte j of a block: column j in the low nibble, column j + 16 in the high one
+    assert int(packed[3, 5]) == int(codes[3, 5]) | int(codes[3, 21]) << 4
+    assert int(packed[3, 16 + 2]) == int(codes[3, 32 + 2]) | int(codes[3, 32 + 18]) << 4
+    assert torch.equal(kernels.unpack_int4_blocks(packed), codes)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+def test_a_row_gets_the_same_result_whatever_rows_come_with_it(kind):
+    """Bit for bit: a speculative verify pass of k positions computes the logits of k decode steps."""
+    torch.manual_seed(3)
+    x, w = torch.randn(9, 128), torch.randn(50, 128)
+    if kind == "fp32":
+        run = lambda rows: kernels.linear_f32(rows, w)  # noqa: E731
+    elif kind == "int8":
+        q, scales = quantize_int8_rows(w)
+        run = lambda rows: kernels.linear_int8(rows, q, scales)  # noqa: E731
+    else:
+        nibbles, sz = quantize_int4_groups(w, 32)
+        packed, row_sz = kernels.pack_int4_blocks(unpack_nibbles(nibbles)), sz.transpose(0, 1).contiguous()
+        run = lambda rows: kernels.linear_int4(rows, packed, row_sz, 32)  # noqa: E731
+    together = run(x)
+    for i in range(len(x)):
+        assert torch.equal(run(x[i:i + 1]), together[i:i + 1])
+
+
+def test_leading_dimensions_and_non_contiguous_inputs():
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 128).transpose(0, 1)  # (3, 2, 128), not contiguous
+    w = torch.randn(20, 128)
+    assert_close(kernels.linear_f32(x, w), x.double() @ w.double().T, 1e-6)
+
+
+def test_usable():
+    x = torch.randn(4, 64)
+    assert kernels.usable(x, 64)
+    assert not kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 64), 64)  # prefill: MKL's GEMM
+    assert not kernels.usable(x.bfloat16(), 64)
+    assert not kernels.usable(x, 60)  # in_features not a multiple of 8
+    assert not kernels.usable(x, 64 + 8, multiple=kernels.BLOCK)
+    with torch.enable_grad():
+        assert not kernels.usable(x.requires_grad_(), 64)  # the kernels have no backward
+    with torch.inference_mode():
+        assert kernels.usable(x, 64)
+
+
+def test_the_kernels_run_inside_compiled_code():
+    torch.manual_seed(5)
+    w = torch.randn(24, 64)
+    step = torch.compile(lambda x: F.silu(kernels.linear_f32(x, w)) * 2, fullgraph=True)
+    x = torch.randn(2, 64)
+    assert torch.equal(step(x), F.silu(kernels.linear_f32(x, w)) * 2)
+
+
+def test_errors_name_the_wrong_argument():
+    with pytest.raises(RuntimeError, match="fp32"):
+        torch.ops.llama_kernels.linear_f32(torch.randn(2, 64).double(), torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        torch.ops.llama_kernels.linear_f32(torch.randn(2, 60), torch.randn(8, 60))
+    with pytest.raises(RuntimeError, match="scales must be bf16"):
+        torch.ops.llama_kernels.linear_int8(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
