@@ -54,7 +54,7 @@ def formats(weights: list) -> dict:
     int8 = [quantize_int8_rows(w) for w in weights]
     int4 = [quantize_int4_groups(w, GROUP_SIZE) for w in weights]  # (nibbles, (G, N, 2) bf16)
     tinygemm = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(q).int(), 1) for q, _ in int4]
-    blocks = [(kernels.pack_int4_blocks(unpack_nibbles(q)), sz.transpose(0, 1).contiguous()) for q, sz in int4]
+    blocks = [(kernels.pack_int4_blocks(unpack_nibbles(q)), kernels.pack_int4_scales(sz)) for q, sz in int4]
     return {
         "fp32": (4, lambda x: [F.linear(x, w) for w in weights],
                  lambda x: [kernels.linear_f32(x, w) for w in weights]),

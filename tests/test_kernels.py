@@ -56,7 +56,7 @@ def test_int4(rows, group_size):
     nibbles, scales_and_zeros = quantize_int4_groups(w, group_size)  # (N, K/2), (G, N, 2)
     dequantized = dequantize_int4(nibbles, scales_and_zeros, group_size).double()
     packed = kernels.pack_int4_blocks(unpack_nibbles(nibbles))
-    out = kernels.linear_int4(x, packed, scales_and_zeros.transpose(0, 1).contiguous(), group_size)
+    out = kernels.linear_int4(x, packed, kernels.pack_int4_scales(scales_and_zeros), group_size)
     assert_close(out, quantized_activations(x) @ dequantized.T, 1e-5)
     assert_close(out, x.double() @ dequantized.T, 0.02)
 
@@ -69,6 +69,13 @@ def test_int4_block_layout_round_trips():
     assert int(packed[3, 5]) == int(codes[3, 5]) | int(codes[3, 21]) << 4
     assert int(packed[3, 16 + 2]) == int(codes[3, 32 + 2]) | int(codes[3, 32 + 18]) << 4
     assert torch.equal(kernels.unpack_int4_blocks(packed), codes)
+    # scales and zeros: (G, N, 2) -> per tile of 4 rows and group, 4 scales then 4 zeros
+    scales_and_zeros = torch.randn(3, 7, 2).bfloat16()
+    tiled = kernels.pack_int4_scales(scales_and_zeros)
+    assert tiled.shape == (2, 3, 2, 4)
+    assert tiled[1, 2, 0, 1] == scales_and_zeros[2, 5, 0] and tiled[1, 2, 1, 2] == scales_and_zeros[2, 6, 1]
+    assert torch.all(tiled[1, :, :, 3] == 0)  # row 7 does not exist
+    assert torch.equal(kernels.unpack_int4_scales(tiled, 7), scales_and_zeros)
 
 
 @pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
@@ -83,7 +90,7 @@ def test_a_row_gets_the_same_result_whatever_rows_come_with_it(kind):
         run = lambda rows: kernels.linear_int8(rows, q, scales)  # noqa: E731
     else:
         nibbles, sz = quantize_int4_groups(w, 32)
-        packed, row_sz = kernels.pack_int4_blocks(unpack_nibbles(nibbles)), sz.transpose(0, 1).contiguous()
+        packed, row_sz = kernels.pack_int4_blocks(unpack_nibbles(nibbles)), kernels.pack_int4_scales(sz)
         run = lambda rows: kernels.linear_int4(rows, packed, row_sz, 32)  # noqa: E731
     together = run(x)
     for i in range(len(x)):

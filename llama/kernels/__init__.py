@@ -10,7 +10,7 @@ activations, fp32, int8 (a scale per row) or int4 (a scale and zero per group of
     linear_f32(x, w)                      x (..., K) fp32 @ w (N, K)ᵀ          -> (..., N) fp32
     linear_int8(x, q, scales)             w = q (N, K) int8 * scales (N,) bf16
     linear_int4(x, q, sz, group_size)     w = (q - 8) * scale + zero, q (N, K/2) in `pack_int4_blocks`
-                                          layout, sz (N, K/group_size, 2) bf16 [scale, zero]
+                                          layout, sz bf16 [scale, zero] in `pack_int4_scales` layout
 
 `usable(x)` says whether a call with these activations should take them: x86-64 with AVX2 and
 FMA, a C++ compiler to build the extension (once per machine and torch version, cached under
@@ -38,6 +38,7 @@ import torch.utils.cpp_extension
 logger = logging.getLogger(__name__)
 
 BLOCK = 32  # int8/int4 weights: in_features a multiple of this (activations are quantized in blocks of 32)
+TILE_ROWS = 4  # weight rows a kernel reads at once (matmul.cpp's ROWS)
 MAX_ROWS = 16  # more rows of activations: PyTorch's matrix products (MKL's GEMM) are faster
 SOURCE = Path(__file__).with_name("matmul.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-fopenmp", "-DNDEBUG"]
@@ -156,3 +157,19 @@ def unpack_int4_blocks(packed: torch.Tensor) -> torch.Tensor:
     n, half = packed.shape
     blocks = packed.view(n, half // 16, 1, 16)
     return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(n, half * 2)
+
+
+def pack_int4_scales(scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """(K/group_size, N, 2) bf16 [scale, zero] -> the kernel's (ceil(N/4), K/group_size, 2, 4): for each
+    tile of 4 weight rows and each group, the 4 scales then the 4 zeros (rows past N are zeros)."""
+    groups, n, _ = scales_and_zeros.shape
+    tiles = -(-n // TILE_ROWS)
+    padded = scales_and_zeros.new_zeros(groups, tiles * TILE_ROWS, 2)
+    padded[:, :n] = scales_and_zeros
+    return padded.view(groups, tiles, TILE_ROWS, 2).permute(1, 0, 3, 2).contiguous()
+
+
+def unpack_int4_scales(tiled: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The inverse of pack_int4_scales: (K/group_size, N, 2)."""
+    tiles, groups, _, rows = tiled.shape
+    return tiled.permute(1, 0, 3, 2).reshape(groups, tiles * rows, 2)[:, :out_features].contiguous()

@@ -8,7 +8,8 @@
 //     linear_int4: 4-bit codes in blocks of 32 columns (N, K/2) and bf16 (scale, zero) per row and
 //                  group of `group_size` columns:                W[n, k] = (q[n, k] - 8) * scale + zero
 //                  byte j of a row's block b holds q[32b + j] (low nibble) and q[32b + 16 + j] (high),
-//                  so one 16-byte load unpacks into 32 consecutive columns without shuffles.
+//                  so one 16-byte load unpacks into 32 consecutive columns without shuffles; the
+//                  scales and zeros of each tile of 4 rows interleaved, (ceil(N/4), K/group_size, 2, 4).
 //
 // MKL's fp32 matrix-vector and small matrix products reach 4-8 GB/s of weights on these machines;
 // a decode step is bound by how fast its weights stream from memory (13-18 GB/s here). Each call
@@ -203,22 +204,28 @@ inline void dot_int8_tile(const int8_t* w, const QuantizedRows& x, int64_t m, in
   for (int r = 0; r < R; ++r) out[r * ldo] = horizontal_sum(acc[r]);
 }
 
-// int4 weights (kernel layout), R rows, against one quantized row of x:
+// int4 weights (kernel layout), R <= ROWS rows of one tile, against one quantized row of x:
 // out[r] = Σ_groups scale_g Σ_blocks (Σ q_w q_x) s_x + (zero_g - 8 scale_g) Σ x̂_group.
+// The tile's scales and zeros come interleaved, (groups, 2, ROWS) bf16: one 16-byte load a group
+// gives all four rows' (the scalar conversions per row and block cost as much as the products).
 template <int R>
-inline void dot_int4_tile(const uint8_t* w, const uint16_t* scale_zero, int64_t group_size, const QuantizedRows& x,
+inline void dot_int4_tile(const uint8_t* w, const uint16_t* tile_scales, int64_t group_size, const QuantizedRows& x,
                           int64_t m, int64_t K, float* out, int64_t ldo) {
   const int8_t* xq = x.q.data() + m * K;
   const float* xs = x.scale.data() + m * K / BLOCK;
   const float* xsum = x.sum.data() + m * K / BLOCK;
   const int64_t groups = K / group_size, blocks_per_group = group_size / BLOCK;
   const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  const __m256i high_lane_by_4 = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
   __m256 acc[R];
-  float offset[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0;
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m128 offset = _mm_setzero_ps();  // (ROWS,): Σ_g (zero - 8 scale) Σ x̂_group
   for (int64_t g = 0, b = 0; g < groups; ++g) {
-    __m256 group_acc[R];
-    for (int r = 0; r < R; ++r) group_acc[r] = _mm256_setzero_ps();
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile_scales + g * 2 * ROWS));
+    const __m256 scale_zero = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));  // bf16 -> fp32
+    const __m128 scales = _mm256_castps256_ps128(scale_zero), zeros = _mm256_extractf128_ps(scale_zero, 1);
+    __m256 scale[R];  // row r's scale in every lane
+    for (int r = 0; r < R; ++r) scale[r] = _mm256_permutevar8x32_ps(scale_zero, _mm256_set1_epi32(r));
     float group_sum = 0;  // Σ x̂ over the group's columns
     for (int64_t end = b + blocks_per_group; b < end; ++b) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK));
@@ -227,20 +234,17 @@ inline void dot_int4_tile(const uint8_t* w, const uint16_t* scale_zero, int64_t 
       for (int r = 0; r < R; ++r) {
         const uint8_t* bytes = w + r * K / 2 + b * BLOCK / 2;
         _mm_prefetch(reinterpret_cast<const char*>(bytes + TILES_AHEAD * ROWS * K / 2), _MM_HINT_T0);
-        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-        // low nibbles: columns 0..15 of the block, high nibbles: 16..31
-        const __m256i codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low_nibbles);
-        group_acc[r] = _mm256_fmadd_ps(dot_bytes(codes, xv), s, group_acc[r]);
+        // the 16 bytes in both lanes; the high lane shifted by 4: columns 0..15, then 16..31
+        const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+        const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(both, high_lane_by_4), low_nibbles);
+        acc[r] = _mm256_fmadd_ps(dot_bytes(codes, xv), _mm256_mul_ps(s, scale[r]), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const float scale = bf16_to_float(scale_zero[(r * groups + g) * 2]);
-      const float zero = bf16_to_float(scale_zero[(r * groups + g) * 2 + 1]);
-      acc[r] = _mm256_fmadd_ps(group_acc[r], _mm256_set1_ps(scale), acc[r]);
-      offset[r] += (zero - 8 * scale) * group_sum;
-    }
+    offset = _mm_fmadd_ps(_mm_fnmadd_ps(_mm_set1_ps(8), scales, zeros), _mm_set1_ps(group_sum), offset);
   }
-  for (int r = 0; r < R; ++r) out[r * ldo] = horizontal_sum(acc[r]) + offset[r];
+  float offsets[ROWS];
+  _mm_storeu_ps(offsets, offset);
+  for (int r = 0; r < R; ++r) out[r * ldo] = horizontal_sum(acc[r]) + offsets[r];
 }
 
 template <typename TileFn>
@@ -281,9 +285,10 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(weight.scalar_type() == at::kByte && weight.size(1) * 2 == K, "weight must be uint8 (N, K/2)");
   TORCH_CHECK(group_size % BLOCK == 0 && K % group_size == 0, "group_size must be a multiple of ", BLOCK,
               " dividing in_features");
+  const int64_t tiles = (N + ROWS - 1) / ROWS;
   TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
-                  scales_and_zeros.numel() == N * (K / group_size) * 2,
-              "scales_and_zeros must be contiguous bf16 (N, K/group_size, 2)");
+                  scales_and_zeros.numel() == tiles * (K / group_size) * 2 * ROWS,
+              "scales_and_zeros must be contiguous bf16 (ceil(N/4), K/group_size, 2, 4): pack_int4_scales");
   at::Tensor out = new_output(x, weight);
   const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), M, K);
   const uint8_t* wp = weight.data_ptr<uint8_t>();
@@ -291,7 +296,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
   const int64_t groups = K / group_size;
   for_each_tile(out, [&](int64_t n, int64_t, float* partial) {
     each_row_of_x(std::min(ROWS, N - n), M, partial, [&](auto R, int64_t m, float* o) {
-      dot_int4_tile<decltype(R)::value>(wp + n * K / 2, sp + n * groups * 2, group_size, xq, m, K, o, 1);
+      dot_int4_tile<decltype(R)::value>(wp + n * K / 2, sp + n * groups * 2, group_size, xq, m, K, o, 1);  // tile n / ROWS
     });
   });
   return out;

@@ -147,8 +147,7 @@ class Int4Linear(QuantizedLinear):
     (K/group_size, N, 2) bf16; W[n, k] ~= (code - 8) * scale + zero.
 
     On CPU `weight` holds a kernel's own packing (`packing`): "blocks" for `llama.kernels`
-    (which also reads the scales row by row: scales_and_zeros is then a (K/group_size, N, 2)
-    view of an (N, K/group_size, 2) tensor), else "tinygemm" for
+    (scales_and_zeros then in its layout too, `pack_int4_scales`), else "tinygemm" for
     `aten._weight_int4pack_mm_for_cpu` (N a multiple of 16), whose layout depends on the CPU's
     vector width. `state_dict()` unpacks either to the portable nibbles of `pack_nibbles`, and
     `load_state_dict` packs them again. Elsewhere `weight` holds the portable nibbles and is
@@ -183,7 +182,7 @@ class Int4Linear(QuantizedLinear):
         codes = unpack_nibbles(self.weight)  # (N, K)
         if kernels.load():
             self.weight = kernels.pack_int4_blocks(codes)
-            self.scales_and_zeros = self.scales_and_zeros.transpose(0, 1).contiguous().transpose(0, 1)
+            self.scales_and_zeros = kernels.pack_int4_scales(self.scales_and_zeros)
             self.packing = "blocks"
         elif self.out_features % 16 == 0 and _has_aten("_weight_int4pack_mm_for_cpu"):
             self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
@@ -204,15 +203,21 @@ class Int4Linear(QuantizedLinear):
         codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size, unit)  # (K, N)
         return pack_nibbles((codes.T + 8).to(torch.uint8))
 
+    def portable_scales_and_zeros(self) -> torch.Tensor:
+        """(K/group_size, N, 2) bf16, whatever the in-memory layout."""
+        if self.packing == "blocks":
+            return kernels.unpack_int4_scales(self.scales_and_zeros, self.out_features)
+        return self.scales_and_zeros
+
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int4(self.portable_weight(), self.scales_and_zeros, self.group_size)  # (N, K) fp32
+        return dequantize_int4(self.portable_weight(), self.portable_scales_and_zeros(), self.group_size)  # (N, K)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packing is not None and x.device.type != "cpu":
             raise RuntimeError("this Int4Linear is packed for a CPU kernel; load its state dict on the "
                                f"{x.device.type} device instead of moving the module")
         if self.packing == "blocks" and kernels.usable(x, self.in_features, multiple=kernels.BLOCK):
-            return kernels.linear_int4(x, self.weight, self.scales_and_zeros.transpose(0, 1), self.group_size)
+            return kernels.linear_int4(x, self.weight, self.scales_and_zeros, self.group_size)
         if self.packing == "tinygemm":
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
             sz = self.scales_and_zeros.to(torch.bfloat16)
@@ -223,7 +228,7 @@ class Int4Linear(QuantizedLinear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "weight"] = self.portable_weight()
-        destination[prefix + "scales_and_zeros"] = self.scales_and_zeros.contiguous()
+        destination[prefix + "scales_and_zeros"] = self.portable_scales_and_zeros()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.packing = None  # the state dict holds portable nibbles
