@@ -3,8 +3,9 @@
     python -m bench.compile_startup [--batch-size 1] [--threads N] [--ckpt-dir DIR]
 
 Runs the same script in fresh processes, one after another, against an empty inductor cache
-directory (a temporary `TORCHINDUCTOR_CACHE_DIR`): first eager (the reference), then compiled
-twice. Each process builds the model, generates 2 tokens (the compilation happens here, on the
+directory (a temporary `TORCHINDUCTOR_CACHE_DIR`) and an empty `llama.kernels` cache (a temporary
+`LLAMA_KERNELS_CACHE`: the first process, eager, builds the CPU kernels): first eager (the
+reference), then compiled twice. Each process builds the model, generates 2 tokens (the compilation happens here, on the
 first decode step) and then decodes 64 more greedy tokens per row. Reported per process: build
 seconds, seconds to those first tokens, steady decode tokens/s, and whether its tokens equal
 eager's. The second compiled process finds the first one's artefacts in the cache.
@@ -61,7 +62,7 @@ def main(argv=None):
         args.ckpt_dir = str(ensure_default_model()[0])
     repo = str(Path(__file__).resolve().parent.parent)
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache,
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "LLAMA_KERNELS_CACHE": str(Path(cache) / "kernels"),
                "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
         runs = {"eager": run_one(args.ckpt_dir, args.batch_size, False, args.threads, env)}
         for name in ("compiled, first process", "compiled, second process"):

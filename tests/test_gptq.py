@@ -11,7 +11,7 @@ from llama import Llama
 from llama.default_model import DEFAULT_MODEL_NAME, checkpoints_dir
 from llama.quantize import default_calibration_text, quantize_int8_rows, quantize_model
 from llama.tokenizer import load_tokenizer
-from tests.test_quantize import TEXT, bundled  # noqa: F401 (bundled is a fixture)
+from tests.test_quantize import TEXT, bundled, decode_logits  # noqa: F401 (bundled is a fixture)
 
 
 def output_error(x: torch.Tensor, weight: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> float:
@@ -98,8 +98,7 @@ def test_gptq_top1_agreement_with_fp32_on_the_bundled_model(bundled):  # noqa: F
     ids = tokenizer.encode(calibration_text, bos=True, eos=False)
     calibration = torch.tensor(ids[: 4 * 256]).view(4, 256)  # rows of the fixture's max_seq_len
     quantize_model(model, "int8", calibration=calibration)
-    with torch.no_grad():
-        logits = model(tokens, 0)
+    logits = decode_logits(model, tokens)
     agreement = (logits.argmax(-1) == fp32_logits.argmax(-1)).float().mean().item()
     print(f"SmolLM2 int8 + GPTQ: top-1 agreement {agreement:.1%} over 256 positions")
     assert agreement >= 0.95, f"int8 + GPTQ: top-1 agreement {agreement:.1%}"

@@ -12,7 +12,8 @@ activations, fp32, int8 (a scale per row) or int4 (a scale and zero per group of
     linear_int4(x, q, sz, group_size)     w = (q - 8) * scale + zero, q (N, K/2) in `pack_int4_blocks`
                                           layout, sz bf16 [scale, zero] in `pack_int4_scales` layout
 
-`usable(x)` says whether a call with these activations should take them: x86-64 with AVX2 and
+int8 weights meet the activations quantized to int16 and int4 weights to int8, in blocks of 32
+columns (integer dot products). `usable(x)` says whether a call with these activations should take them: x86-64 with AVX2 and
 FMA, a C++ compiler to build the extension (once per machine and torch version, cached under
 LLAMA_KERNELS_CACHE, default ~/.cache/llama/kernels), fp32 activations on the CPU, at most
 MAX_ROWS rows and no autograd. Elsewhere the callers use PyTorch's own kernels. LLAMA_KERNELS=0
