@@ -63,6 +63,9 @@ def test_int4(rows, group_size):
     out = kernels.linear_int4(x, packed, kernels.pack_int4_scales(scales_and_zeros), group_size)
     assert_close(out, quantized_activations(x, 127) @ dequantized.T, 1e-5)
     assert_close(out, x.double() @ dequantized.T, 0.02)  # what quantizing the activations costs
+    # the fp32 weight a prefill multiplies, from the same layout
+    assert_close(kernels.dequantize_int4(packed, kernels.pack_int4_scales(scales_and_zeros), group_size), dequantized,
+                 1e-6)
 
 
 def test_int4_block_layout_round_trips():

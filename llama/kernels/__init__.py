@@ -114,6 +114,9 @@ def _register_fakes() -> None:
     for name in ("linear_f32", "linear_int8", "linear_int4"):
         torch.library.register_fake(f"llama_kernels::{name}")(
             lambda x, weight, *args: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake("llama_kernels::dequantize_int4")(
+        lambda weight, scales_and_zeros, group_size: weight.new_empty(weight.shape[0], weight.shape[1] * 2,
+                                                                      dtype=torch.float32))
 
 
 def usable(x: torch.Tensor, in_features: int, multiple: int = 8) -> bool:
@@ -143,6 +146,11 @@ def linear_int4(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.T
                 group_size: int) -> torch.Tensor:
     out = torch.ops.llama_kernels.linear_int4(_rows(x), weight, scales_and_zeros, group_size)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def dequantize_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The fp32 (N, K) weight of int4 codes and scales in the kernel layout (what linear_int4 multiplies)."""
+    return torch.ops.llama_kernels.dequantize_int4(weight, scales_and_zeros, group_size)
 
 
 def pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:

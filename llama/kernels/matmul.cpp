@@ -319,16 +319,53 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+// The fp32 weight (N, K) that int4 weights in the kernel layout stand for: prefills (more rows
+// than the products above take) multiply it with one GEMM.
+at::Tensor dequantize_int4(const at::Tensor& weight, const at::Tensor& scales_and_zeros, int64_t group_size) {
+  const int64_t N = weight.size(0), K = weight.size(1) * 2, groups = K / group_size;
+  const int64_t tiles = (N + ROWS - 1) / ROWS;
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.is_contiguous() && K % group_size == 0 &&
+                  group_size % BLOCK == 0 && scales_and_zeros.scalar_type() == at::kBFloat16 &&
+                  scales_and_zeros.is_contiguous() && scales_and_zeros.numel() == tiles * groups * 2 * ROWS,
+              "expected int4 weights and scales in the kernel layout (pack_int4_blocks, pack_int4_scales)");
+  at::Tensor out = at::empty({N, K}, weight.options().dtype(at::kFloat));
+  const uint8_t* wp = weight.data_ptr<uint8_t>();
+  const uint16_t* sp = static_cast<const uint16_t*>(scales_and_zeros.data_ptr());
+  float* op = out.data_ptr<float>();
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint16_t* tile_scales = sp + (n / ROWS) * groups * 2 * ROWS;
+      for (int64_t b = 0; b < K / BLOCK; ++b) {
+        const int64_t g = b * BLOCK / group_size;
+        const float scale = bf16_to_float(tile_scales[g * 2 * ROWS + n % ROWS]);
+        const float zero = bf16_to_float(tile_scales[g * 2 * ROWS + ROWS + n % ROWS]);
+        const __m256 s = _mm256_set1_ps(scale), base = _mm256_set1_ps(zero - 8 * scale);  // the value of code 0
+        const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + n * K / 2 + b * BLOCK / 2));
+        const __m128i lo = _mm_and_si128(packed, low_nibbles), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low_nibbles);
+        const __m128i quarters[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};  // columns 0-7 .. 24-31
+        for (int i = 0; i < 4; ++i) {
+          const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(quarters[i]));
+          _mm256_storeu_ps(op + n * K + b * BLOCK + i * LANES, _mm256_fmadd_ps(q, s, base));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_kernels, m) {
   m.def("linear_f32(Tensor x, Tensor weight) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
+  m.def("dequantize_int4(Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("dequantize_int4", &dequantize_int4);
 }

@@ -210,7 +210,10 @@ class Int4Linear(QuantizedLinear):
         return self.scales_and_zeros
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize_int4(self.portable_weight(), self.portable_scales_and_zeros(), self.group_size)  # (N, K)
+        """The (N, K) fp32 weight."""
+        if self.packing == "blocks":  # straight from the kernel layout, vectorized: prefills run this per pass
+            return kernels.dequantize_int4(self.weight, self.scales_and_zeros, self.group_size)
+        return dequantize_int4(self.portable_weight(), self.portable_scales_and_zeros(), self.group_size)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packing is not None and x.device.type != "cpu":
