@@ -27,7 +27,7 @@ import os
 import platform
 import shutil
 import subprocess
-import sysconfig
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -87,7 +87,7 @@ def _library() -> Path:
 
 def _supported_machine() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in (
-        "AVX2", "AVX512") and sysconfig.get_platform().startswith("linux")
+        "AVX2", "AVX512") and sys.platform.startswith("linux")
 
 
 def load() -> bool:

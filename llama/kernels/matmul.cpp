@@ -86,12 +86,15 @@ void dot_rows(const float* x, int64_t M, const float* w, int64_t K, float* out, 
   if (m < M) dot_tile<R, 1>(x + m * K, w, K, out + m * ldo, ldo);
 }
 
-void dot_rows(int64_t rows, const float* x, int64_t M, const float* w, int64_t K, float* out, int64_t ldo) {
+// fn(std::integral_constant<int, rows>{}) for rows in 1..ROWS (a tile's rows: ROWS, or fewer for the last
+// tile): the tile functions take the count as a template argument, so their accumulators stay in registers.
+template <typename Fn>
+void with_rows(int64_t rows, Fn fn) {
   switch (rows) {
-    case 4: return dot_rows<4>(x, M, w, K, out, ldo);
-    case 3: return dot_rows<3>(x, M, w, K, out, ldo);
-    case 2: return dot_rows<2>(x, M, w, K, out, ldo);
-    default: return dot_rows<1>(x, M, w, K, out, ldo);
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    default: return fn(std::integral_constant<int, 1>{});
   }
 }
 
@@ -126,7 +129,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& weight) {
   const float* xp = x.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   for_each_tile(out, [&](int64_t n, int64_t rows, float* partial) {
-    dot_rows(rows, xp, M, wp + n * K, K, partial, ROWS);
+    with_rows(rows, [&](auto R) { dot_rows<decltype(R)::value>(xp, M, wp + n * K, K, partial, ROWS); });
   });
   return out;
 }
@@ -267,14 +270,7 @@ inline void dot_int4_tile(const uint8_t* w, const uint16_t* tile_scales, int64_t
 template <typename TileFn>
 void each_row_of_x(int64_t rows, int64_t M, float* partial, TileFn tile) {
   // partial is (M, ROWS): out for x row m and weight row r at partial[m * ROWS + r]
-  for (int64_t m = 0; m < M; ++m) {
-    switch (rows) {
-      case 4: tile(std::integral_constant<int, 4>{}, m, partial + m * ROWS); break;
-      case 3: tile(std::integral_constant<int, 3>{}, m, partial + m * ROWS); break;
-      case 2: tile(std::integral_constant<int, 2>{}, m, partial + m * ROWS); break;
-      default: tile(std::integral_constant<int, 1>{}, m, partial + m * ROWS); break;
-    }
-  }
+  for (int64_t m = 0; m < M; ++m) with_rows(rows, [&](auto R) { tile(R, m, partial + m * ROWS); });
 }
 
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
