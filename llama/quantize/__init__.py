@@ -7,9 +7,11 @@ local matmul.
 
 Modes:
     "int8"      weight-only, one symmetric int8 scale per output row.
-                CPU: `aten._weight_int8pack_mm` on bf16 activations.
+                CPU decode steps: `llama.kernels.linear_int8` (activations in int16);
+                elsewhere `aten._weight_int8pack_mm` on bf16 activations.
     "int4"      weight-only, asymmetric int4 in groups of `group_size` input
-                columns. CPU: `aten._weight_int4pack_mm_for_cpu` on bf16 activations.
+                columns. CPU decode steps: `llama.kernels.linear_int4` (activations
+                in int8); without those kernels `aten._weight_int4pack_mm_for_cpu`.
                 The output projection stays int8: it is the layer most
                 sensitive to 4 bits (on SmolLM2, top-1 agreement with fp32
                 goes from 84% to 96%), and llama.cpp's 4-bit formats keep it
