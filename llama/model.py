@@ -165,13 +165,11 @@ class KVCache(nn.Module):
         positions: (1, T) when every row writes at the same positions, else (B, T).
         """
         bsz = k.shape[0]
-        if positions.shape[0] == 1:  # one slice for the whole batch
-            self.k[:bsz].index_copy_(2, positions[0], k)
-            self.v[:bsz].index_copy_(2, positions[0], v)
-        else:  # each row at its own positions
-            rows = torch.arange(bsz, device=k.device)[:, None]  # (B, 1)
-            self.k[rows, :, positions] = k.transpose(1, 2)  # indexed view: (B, T, Hkv, hd)
-            self.v[rows, :, positions] = v.transpose(1, 2)
+        # One indexed write into the whole buffer (rows (B, 1) and positions broadcast to (B, T)), which
+        # torch.compile does in place; the indexed view is (B, T, Hkv, hd).
+        rows = torch.arange(bsz, device=k.device)[:, None]
+        self.k[rows, :, positions] = k.transpose(1, 2)
+        self.v[rows, :, positions] = v.transpose(1, 2)
         return self.k[:bsz, :, :kv_len], self.v[:bsz, :, :kv_len]
 
     def reorder(self, rows: torch.Tensor):
@@ -239,7 +237,17 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor], kv_len: int
     ) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape  # (B, T, D)
+        """Attention of x (B, T, D) at `positions` over the cache, which takes the new keys and values."""
+        q, (k, v) = self.project(x, rope)
+        keys, values = self.cache.update(positions, k, v, kv_len)
+        return self.attend(q, keys, values, mask)
+
+    def project(self, x: torch.Tensor, rope: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, hd) of x (B, T, D), and its keys and values stacked, (2, B, Hkv, T, hd),
+        rotated by `rope`. (Stacked, the keys and values are one new tensor: returned from a compiled
+        region (`TransformerBlock`), a view into the fused projection's output was read at the wrong
+        offset by torch 2.13's inductor.)"""
+        bsz, seqlen, _ = x.shape
         if self.wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         else:  # fused: (B, T, (H + 2 Hkv) * hd), split
@@ -249,11 +257,12 @@ class Attention(nn.Module):
         k = k.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         v = v.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        # Heads first for attention: (B, H, T, hd)
+        return q.transpose(1, 2), torch.stack([k, v]).transpose(2, 3)
 
-        # Heads first for attention: (B, H, T, hd); the cache returns (B, Hkv, S, hd).
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        keys, values = self.cache.update(positions, k, v, kv_len)
-
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """softmax(q kᵀ / √hd) v over the cached keys and values (B, Hkv, S, hd), then wo: (B, T, D)."""
+        bsz, _, seqlen, _ = q.shape
         # Grouped-query attention: each key/value head serves H / Hkv query heads.
         # With no mask (one new token, all rows at the same position) every cached position is visible.
         if seqlen == 1:  # a decode step: CPU's fused kernel has fixed costs far above this tiny product
@@ -351,11 +360,23 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    # Compiled (the CPU decode step), the blocks are traced and compiled once and that code is run for
-    # every layer: the first compilation takes seconds instead of minutes. In eager mode, a no-op.
-    @torch.compiler.nested_compile_region
     def forward(self, x, positions, rope, mask, kv_len):
-        h = x + self.attention(self.attention_norm(x), positions, rope, mask, kv_len)
+        q, (k, v) = self.attention_inputs(x, rope)
+        keys, values = self.attention.cache.update(positions, k, v, kv_len)
+        return self.attention_and_feed_forward(x, q, keys, values, mask)
+
+    # Compiled (the CPU decode step), these two halves of a block are traced and compiled once each and
+    # that code runs for every layer: the first compilation takes seconds instead of the minutes of 30
+    # layers. The KV cache is written between them, outside the regions: a region that mutated its inputs
+    # would work on copies of the cache rows and copy them back, every layer of every step. In eager
+    # mode the decorators do nothing.
+    @torch.compiler.nested_compile_region
+    def attention_inputs(self, x, rope):
+        return self.attention.project(self.attention_norm(x), rope)
+
+    @torch.compiler.nested_compile_region
+    def attention_and_feed_forward(self, x, q, keys, values, mask):
+        h = x + self.attention.attend(q, keys, values, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

@@ -52,11 +52,13 @@ def test_int8(rows, n, k):
     assert_close(out, x.double() @ dequantized.T, 1e-4)  # int16 activations cost almost nothing
 
 
-@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("group_size,k", [(32, 256), (64, 256), (128, 256), (32, 96), (96, 288)])
 @pytest.mark.parametrize("rows", ROWS)
-def test_int4(rows, group_size):
-    torch.manual_seed(rows + group_size)
-    x, w = torch.randn(rows, 256), torch.randn(45, 256)
+def test_int4(rows, group_size, k):
+    """Blocks of 32 columns are read in pairs: an odd count (k = 96 or 288) ends with a block read
+    alone, and groups of 3 blocks (96) put the two blocks of some pairs in different groups."""
+    torch.manual_seed(rows + group_size + k)
+    x, w = torch.randn(rows, k), torch.randn(45, k)
     nibbles, scales_and_zeros = quantize_int4_groups(w, group_size)  # (N, K/2), (G, N, 2)
     dequantized = dequantize_int4(nibbles, scales_and_zeros, group_size).double()
     packed = kernels.pack_int4_blocks(unpack_nibbles(nibbles))
@@ -89,7 +91,7 @@ def test_int4_block_layout_round_trips():
 def test_a_row_gets_the_same_result_whatever_rows_come_with_it(kind):
     """Bit for bit: a speculative verify pass of k positions computes the logits of k decode steps."""
     torch.manual_seed(3)
-    x, w = torch.randn(9, 128), torch.randn(50, 128)
+    x, w = torch.randn(9, 160), torch.randn(50, 160)  # 5 blocks of 32: two pairs and one alone
     if kind == "fp32":
         run = lambda rows: kernels.linear_f32(rows, w)  # noqa: E731
     elif kind == "int8":

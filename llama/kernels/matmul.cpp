@@ -224,47 +224,135 @@ inline void dot_int8_tile(const int8_t* w, const QuantizedRows<int16_t>& x, int6
   for (int r = 0; r < R; ++r) out[r * ldo] = horizontal_sum(acc[r]);
 }
 
-// int4 weights (kernel layout), R <= ROWS rows of one tile, against one quantized row of x:
+// ---- int4 ----
+// A row's 16-byte blocks are read two at a time: one 32-byte load holds blocks b and b + 1, its low
+// nibbles columns 0..15 of both, its high nibbles columns 16..31 of both. The activations' int8 codes
+// are stored in the same order (`pair_order`), so unpacking is an and and a shift, and one maddubs
+// takes 32 products of both blocks; lanes 0-3 of the int32 sums belong to block b, 4-7 to block b + 1.
+// A row whose block count is odd ends with one block read alone.
+
+// x's int8 codes of blocks b, b + 1 (64 bytes) -> [b 0..15, b+1 0..15, b 16..31, b+1 16..31]
+inline void pair_order(int8_t* codes) {
+  int8_t copy[2 * BLOCK];
+  std::memcpy(copy, codes, sizeof copy);
+  std::memcpy(codes, copy, 16);
+  std::memcpy(codes + 16, copy + BLOCK, 16);
+  std::memcpy(codes + 32, copy + 16, 16);
+  std::memcpy(codes + 48, copy + BLOCK + 16, 16);
+}
+
+// The codes of a tile's weight rows, as the products take them: per pair of blocks, the low nibbles
+// (32 bytes) and the high nibbles (32 bytes); for an odd last block, its 32 codes in column order.
+struct Int4Codes {
+  __m256i low, high;
+};
+
+inline Int4Codes unpack_pair(const uint8_t* bytes) {
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  return {_mm256_and_si256(v, low_nibbles), _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles)};
+}
+
+inline __m256i unpack_block(const uint8_t* bytes) {  // 16 bytes -> columns 0..15 (low lane), 16..31 (high)
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i low_nibbles = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low_nibbles), _mm_and_si128(v, low_nibbles));
+}
+
+// bf16 (scale, zero) of a tile's ROWS rows for group g -> fp32 [4 scales | 4 zeros]
+inline __m256 tile_scale_zero(const uint16_t* tile_scales, int64_t g) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile_scales + g * 2 * ROWS));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// Where a tile's codes come from: straight from the packed weight (one row of x), or from a copy
+// unpacked once into an L1-sized buffer (several rows of x: each tile is unpacked once, not per row).
+struct PackedInt4 {
+  const uint8_t* w;  // the tile's first row
+  int64_t K;
+  Int4Codes pair(int r, int64_t b) const {
+    const uint8_t* bytes = w + r * K / 2 + b * BLOCK / 2;
+    _mm_prefetch(reinterpret_cast<const char*>(bytes + TILES_AHEAD * ROWS * K / 2), _MM_HINT_T0);
+    return unpack_pair(bytes);
+  }
+  __m256i block(int r, int64_t b) const { return unpack_block(w + r * K / 2 + b * BLOCK / 2); }
+};
+
+struct UnpackedInt4 {
+  const __m256i* codes;  // (ROWS, K / 32) registers' worth: per row, its pairs (low, high) then an odd block
+  int64_t K;
+  Int4Codes pair(int r, int64_t b) const {
+    const __m256i* row = codes + r * K / BLOCK;
+    return {_mm256_load_si256(row + b), _mm256_load_si256(row + b + 1)};
+  }
+  __m256i block(int r, int64_t b) const { return _mm256_load_si256(codes + r * K / BLOCK + b); }
+};
+
+template <int R>
+void unpack_tile(const PackedInt4& packed, __m256i* codes) {
+  const int64_t blocks = packed.K / BLOCK;
+  for (int r = 0; r < R; ++r) {
+    __m256i* row = codes + r * blocks;
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      const Int4Codes c = packed.pair(r, b);
+      _mm256_store_si256(row + b, c.low);
+      _mm256_store_si256(row + b + 1, c.high);
+    }
+    if (b < blocks) _mm256_store_si256(row + b, packed.block(r, b));
+  }
+}
+
+// int4 weights, R <= ROWS rows of one tile, against one quantized row of x:
 // out[r] = Σ_groups scale_g Σ_blocks (Σ q_w q_x) s_x + (zero_g - 8 scale_g) Σ x̂_group.
 // The tile's scales and zeros come interleaved, (groups, 2, ROWS) bf16: one 16-byte load a group
-// gives all four rows' (the scalar conversions per row and block cost as much as the products).
-template <int R>
-inline void dot_int4_tile(const uint8_t* w, const uint16_t* tile_scales, int64_t group_size, const QuantizedRows<int8_t>& x,
-                          int64_t m, int64_t K, float* out, int64_t ldo) {
+// gives all four rows'.
+template <int R, typename Codes>
+inline void dot_int4_tile(const Codes& w, const uint16_t* tile_scales, int64_t group_size,
+                          const QuantizedRows<int8_t>& x, int64_t m, int64_t K, float* out, int64_t ldo) {
   const int8_t* xq = x.q.data() + m * K;
   const float* xs = x.scale.data() + m * K / BLOCK;
   const float* xsum = x.sum.data() + m * K / BLOCK;
-  const int64_t groups = K / group_size, blocks_per_group = group_size / BLOCK;
-  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-  const __m256i high_lane_by_4 = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  const int64_t blocks = K / BLOCK, blocks_per_group = group_size / BLOCK;
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  __m128 offset = _mm_setzero_ps();  // (ROWS,): Σ_g (zero - 8 scale) Σ x̂_group
-  for (int64_t g = 0, b = 0; g < groups; ++g) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tile_scales + g * 2 * ROWS));
-    const __m256 scale_zero = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));  // bf16 -> fp32
-    const __m128 scales = _mm256_castps256_ps128(scale_zero), zeros = _mm256_extractf128_ps(scale_zero, 1);
-    __m256 scale[R];  // row r's scale in every lane
-    for (int r = 0; r < R; ++r) scale[r] = _mm256_permutevar8x32_ps(scale_zero, _mm256_set1_epi32(r));
-    float group_sum = 0;  // Σ x̂ over the group's columns
-    for (int64_t end = b + blocks_per_group; b < end; ++b) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK));
-      const __m256 s = _mm256_set1_ps(xs[b]);
-      group_sum += xsum[b];
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* bytes = w + r * K / 2 + b * BLOCK / 2;
-        _mm_prefetch(reinterpret_cast<const char*>(bytes + TILES_AHEAD * ROWS * K / 2), _MM_HINT_T0);
-        // the 16 bytes in both lanes; the high lane shifted by 4: columns 0..15, then 16..31
-        const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-        const __m256i codes = _mm256_and_si256(_mm256_srlv_epi32(both, high_lane_by_4), low_nibbles);
-        acc[r] = _mm256_fmadd_ps(dot_bytes(codes, xv), _mm256_mul_ps(s, scale[r]), acc[r]);
-      }
+  __m256 offset = _mm256_setzero_ps();  // lanes r and 4 + r: row r's Σ (zero - 8 scale) Σ x̂ over blocks
+  int64_t b = 0;
+  for (; b + 2 <= blocks; b += 2) {
+    const __m256 sz0 = tile_scale_zero(tile_scales, b / blocks_per_group);
+    const __m256 sz1 = tile_scale_zero(tile_scales, (b + 1) / blocks_per_group);
+    const __m256 scales = _mm256_permute2f128_ps(sz0, sz1, 0x20), zeros = _mm256_permute2f128_ps(sz0, sz1, 0x31);
+    const __m256 x_sums = _mm256_setr_m128(_mm_set1_ps(xsum[b]), _mm_set1_ps(xsum[b + 1]));
+    offset = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8), scales, zeros), x_sums, offset);
+    const __m256 x_scales = _mm256_setr_m128(_mm_set1_ps(xs[b]), _mm_set1_ps(xs[b + 1]));
+    const __m256i x_low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK));
+    const __m256i x_high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK + 32));
+    for (int r = 0; r < R; ++r) {
+      const Int4Codes c = w.pair(r, b);
+      // |each maddubs lane| <= 2 * 15 * 127, so the int16 sum of two cannot overflow
+      const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(c.low, x_low), _mm256_maddubs_epi16(c.high, x_high));
+      const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+      const __m256 scale = _mm256_permutevar8x32_ps(scales, _mm256_setr_epi32(r, r, r, r, r + 4, r + 4, r + 4, r + 4));
+      acc[r] = _mm256_fmadd_ps(sums, _mm256_mul_ps(x_scales, scale), acc[r]);
     }
-    offset = _mm_fmadd_ps(_mm_fnmadd_ps(_mm_set1_ps(8), scales, zeros), _mm_set1_ps(group_sum), offset);
   }
-  float offsets[ROWS];
-  _mm_storeu_ps(offsets, offset);
-  for (int r = 0; r < R; ++r) out[r * ldo] = horizontal_sum(acc[r]) + offsets[r];
+  if (b < blocks) {  // an odd last block: its scales in the low lanes (rows), its products in all eight
+    const __m256 sz = tile_scale_zero(tile_scales, b / blocks_per_group);
+    const __m256 scales = _mm256_permute2f128_ps(sz, sz, 0x00), zeros = _mm256_permute2f128_ps(sz, sz, 0x11);
+    const __m256 x_sums = _mm256_setr_m128(_mm_set1_ps(xsum[b]), _mm_setzero_ps());
+    offset = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8), scales, zeros), x_sums, offset);
+    const __m256 x_scale = _mm256_set1_ps(xs[b]);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK));
+    for (int r = 0; r < R; ++r) {
+      const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(w.block(r, b), xv), ones));
+      acc[r] = _mm256_fmadd_ps(sums, _mm256_mul_ps(x_scale, _mm256_permutevar8x32_ps(scales, _mm256_set1_epi32(r))),
+                               acc[r]);
+    }
+  }
+  float offsets[2 * ROWS];
+  _mm256_storeu_ps(offsets, offset);
+  for (int r = 0; r < R; ++r) out[r * ldo] = horizontal_sum(acc[r]) + (offsets[r] + offsets[ROWS + r]);
 }
 
 template <typename TileFn>
@@ -303,13 +391,24 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
                   scales_and_zeros.numel() == tiles * (K / group_size) * 2 * ROWS,
               "scales_and_zeros must be contiguous bf16 (ceil(N/4), K/group_size, 2, 4): pack_int4_scales");
   at::Tensor out = new_output(x, weight);
-  const QuantizedRows<int8_t> xq = quantize_rows<int8_t>(x.data_ptr<float>(), M, K);
+  QuantizedRows<int8_t> xq = quantize_rows<int8_t>(x.data_ptr<float>(), M, K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b + 2 <= K / BLOCK; b += 2) pair_order(xq.q.data() + m * K + b * BLOCK);
   const uint8_t* wp = weight.data_ptr<uint8_t>();
   const uint16_t* sp = static_cast<const uint16_t*>(scales_and_zeros.data_ptr());
   const int64_t groups = K / group_size;
-  for_each_tile(out, [&](int64_t n, int64_t, float* partial) {
-    each_row_of_x(std::min(ROWS, N - n), M, partial, [&](auto R, int64_t m, float* o) {
-      dot_int4_tile<decltype(R)::value>(wp + n * K / 2, sp + n * groups * 2, group_size, xq, m, K, o, 1);  // tile n / ROWS
+  for_each_tile(out, [&](int64_t n, int64_t rows, float* partial) {
+    const PackedInt4 packed{wp + n * K / 2, K};
+    const uint16_t* tile_scales = sp + n * groups * 2;  // tile n / ROWS
+    with_rows(rows, [&](auto R) {
+      constexpr int Rows = decltype(R)::value;
+      if (M == 1) return dot_int4_tile<Rows>(packed, tile_scales, group_size, xq, 0, K, partial, 1);
+      thread_local std::vector<__m256i> codes;  // the tile unpacked once for every row of x
+      codes.resize(ROWS * K / BLOCK);
+      unpack_tile<Rows>(packed, codes.data());
+      const UnpackedInt4 unpacked{codes.data(), K};
+      for (int64_t m = 0; m < M; ++m)
+        dot_int4_tile<Rows>(unpacked, tile_scales, group_size, xq, m, K, partial + m * ROWS, 1);
     });
   });
   return out;
