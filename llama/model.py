@@ -31,6 +31,8 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
+from llama import kernels
+
 logger = logging.getLogger(__name__)
 
 
@@ -284,6 +286,8 @@ def decode_attention(
     mask: None or (B or 1, 1, 1, S), True where a position may be attended to.
     """
     bsz, n_heads, _, head_dim = q.shape
+    if kernels.usable(q, head_dim, max_rows=None):  # on the CPU: one C++ call that reads only the visible positions
+        return kernels.decode_attention(q, keys, values, mask)
     n_kv_heads = keys.shape[1]
     grouped = q.view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)  # (B, Hkv, H/Hkv, hd)
     # Compiled on CPU, both products are written as multiply-and-sums, which inductor fuses with the

@@ -1,4 +1,4 @@
-"""The CPU matmul kernels (llama/kernels/matmul.cpp) against references computed here in float64:
+"""The CPU decoding kernels (llama/kernels/decode.cpp) against references computed here in float64:
 fp32 weights against x Wᵀ; int8 and int4 weights against the same products with the activations
 quantized in blocks of 32 as the kernels do (int16 for int8 weights, int8 for int4), and against
 the unquantized products."""
@@ -113,10 +113,49 @@ def test_leading_dimensions_and_non_contiguous_inputs():
     assert_close(kernels.linear_f32(x, w), x.double() @ w.double().T, 1e-6)
 
 
+def reference_attention(q, keys, values, mask):
+    """float64 softmax attention, keys/values repeated for the query heads that share them."""
+    repeat = q.shape[1] // keys.shape[1]
+    k, v = keys.double().repeat_interleave(repeat, 1), values.double().repeat_interleave(repeat, 1)
+    scores = q.double() @ k.transpose(2, 3) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 48)])
+def test_decode_attention(heads, kv_heads, head_dim):
+    """Rows at their own positions over a cache of 200 (a compiled step's mask), one shared mask, none,
+    and a mask with holes; the keys and values a slice of a longer cache, as the model passes them."""
+    torch.manual_seed(heads + head_dim)
+    q = torch.randn(3, heads, 1, head_dim)
+    cache = torch.randn(2, 4, kv_heads, 256, head_dim)  # (k/v, max batch, Hkv, max positions, hd)
+    keys, values = cache[0, :3, :, :200], cache[1, :3, :, :200]
+    positions = torch.tensor([17, 199, 0])
+    per_row = (torch.arange(200)[None, None, None, :] <= positions[:, None, None, None])  # (3, 1, 1, 200)
+    holes = per_row & (torch.arange(200) % 3 != 1)
+    for mask in (per_row, per_row[1:2], None, holes):
+        out = kernels.decode_attention(q, keys, values, mask)
+        assert out.shape == q.shape
+        assert_close(out, reference_attention(q, keys, values, mask), 1e-6)
+
+
+def test_decode_attention_reads_only_visible_positions():
+    """Past a row's last visible position the cache may hold anything (a filler row sees nothing: zeros)."""
+    torch.manual_seed(6)
+    q, keys, values = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 64, 32), torch.randn(2, 2, 64, 32)
+    mask = (torch.arange(64)[None, None, None, :] <= torch.tensor([9, -1])[:, None, None, None])
+    expected = kernels.decode_attention(q, keys, values, mask)
+    keys[:, :, 10:], values[:, :, 10:] = float("nan"), float("nan")
+    out = kernels.decode_attention(q, keys, values, mask)
+    assert torch.equal(out, expected) and torch.equal(out[1], torch.zeros_like(out[1]))
+
+
 def test_usable():
     x = torch.randn(4, 64)
     assert kernels.usable(x, 64)
     assert not kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 64), 64)  # prefill: MKL's GEMM
+    assert kernels.usable(torch.randn(kernels.MAX_ROWS + 1, 64), 64, max_rows=None)  # attention: any rows
     assert not kernels.usable(x.bfloat16(), 64)
     assert not kernels.usable(x, 60)  # in_features not a multiple of 8
     assert not kernels.usable(x, 64 + 8, multiple=kernels.BLOCK)
@@ -141,3 +180,6 @@ def test_errors_name_the_wrong_argument():
         torch.ops.llama_kernels.linear_f32(torch.randn(2, 60), torch.randn(8, 60))
     with pytest.raises(RuntimeError, match="scales must be bf16"):
         torch.ops.llama_kernels.linear_int8(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
+    with pytest.raises(RuntimeError, match="mask must be contiguous bool"):
+        torch.ops.llama_kernels.decode_attention(torch.randn(1, 2, 32), torch.randn(1, 1, 5, 32),
+                                                 torch.randn(1, 1, 5, 32), torch.ones(1, 5))

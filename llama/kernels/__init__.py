@@ -1,16 +1,21 @@
-"""Matrix products for CPU decoding, hand-written in C++ (`matmul.cpp`) and built on first use.
+"""Matrix products and attention for CPU decoding, hand-written in C++ (`decode.cpp`) and built on first use.
 
 A decode step multiplies a few rows of activations (one per sequence, or the k + 1 positions of
 a speculative verify pass) with every weight of the model, so its speed is how fast the weights
 stream from memory. MKL's fp32 matrix-vector and small matrix products reach a third to half of
 the memory's bandwidth on these CPUs, and ATen's int8/int4 weight-only kernels are compute-bound
-for fp32 activations. `matmul.cpp` streams each weight once per call at up to 16 rows of
+for fp32 activations. `decode.cpp` streams each weight once per call at up to 16 rows of
 activations, fp32, int8 (a scale per row) or int4 (a scale and zero per group of columns):
 
     linear_f32(x, w)                      x (..., K) fp32 @ w (N, K)ᵀ          -> (..., N) fp32
     linear_int8(x, q, scales)             w = q (N, K) int8 * scales (N,) bf16
     linear_int4(x, q, sz, group_size)     w = (q - 8) * scale + zero, q (N, K/2) in `pack_int4_blocks`
                                           layout, sz bf16 [scale, zero] in `pack_int4_scales` layout
+
+and the attention of one new position per row over the KV cache, which reads only each row's
+visible positions (a compiled step passes the whole cache with a mask; PyTorch would read it all):
+
+    decode_attention(q, keys, values, mask)  q (B, H, 1, hd), keys/values (B, Hkv, S, hd) -> (B, H, 1, hd)
 
 int8 weights meet the activations quantized to int16 and int4 weights to int8, in blocks of 32
 columns (integer dot products). `usable(x)` says whether a call with these activations should take them: x86-64 with AVX2 and
@@ -39,9 +44,9 @@ import torch.utils.cpp_extension
 logger = logging.getLogger(__name__)
 
 BLOCK = 32  # int8/int4 weights: in_features a multiple of this (activations are quantized in blocks of 32)
-TILE_ROWS = 4  # weight rows a kernel reads at once (matmul.cpp's ROWS)
+TILE_ROWS = 4  # weight rows a kernel reads at once (decode.cpp's ROWS)
 MAX_ROWS = 16  # more rows of activations: PyTorch's matrix products (MKL's GEMM) are faster
-SOURCE = Path(__file__).with_name("matmul.cpp")
+SOURCE = Path(__file__).with_name("decode.cpp")
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-fopenmp", "-DNDEBUG"]
 
 _lock = threading.Lock()
@@ -64,13 +69,13 @@ def _build_command(output: Path) -> list:
 
 def _library() -> Path:
     """The built extension, compiled now if this source, torch and compiler have not built it before."""
-    command = _build_command(Path("matmul.so"))
+    command = _build_command(Path("decode.so"))
     key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, *command]).encode()).hexdigest()[:16]
-    library = _cache_dir() / f"matmul-{key}.so"
+    library = _cache_dir() / f"decode-{key}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("building the CPU matmul kernels (%s), once per machine and torch version", library)
+    logger.info("building the CPU decoding kernels (%s), once per machine and torch version", library)
     # Built under a temporary name and renamed: processes building at once (torchrun's ranks) each
     # write their own file, and none loads a half-written one.
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as partial:
@@ -97,16 +102,16 @@ def load() -> bool:
         if _loaded is None:
             _loaded = False
             if os.environ.get("LLAMA_KERNELS", "1") == "0":
-                logger.info("CPU matmul kernels turned off by LLAMA_KERNELS=0")
+                logger.info("CPU kernels turned off by LLAMA_KERNELS=0")
             elif not _supported_machine():
-                logger.info("CPU matmul kernels need Linux on x86-64 with AVX2; using PyTorch's")
+                logger.info("CPU kernels need Linux on x86-64 with AVX2; using PyTorch's")
             else:
                 try:
                     torch.ops.load_library(str(_library()))
                     _register_fakes()
                     _loaded = True
                 except (OSError, RuntimeError) as error:
-                    logger.warning("CPU matmul kernels unavailable, using PyTorch's: %s", error)
+                    logger.warning("CPU kernels unavailable, using PyTorch's: %s", error)
         return _loaded
 
 
@@ -114,16 +119,18 @@ def _register_fakes() -> None:
     for name in ("linear_f32", "linear_int8", "linear_int4"):
         torch.library.register_fake(f"llama_kernels::{name}")(
             lambda x, weight, *args: x.new_empty(x.shape[0], weight.shape[0]))
+    torch.library.register_fake("llama_kernels::decode_attention")(lambda q, keys, values, mask: torch.empty_like(q))
     torch.library.register_fake("llama_kernels::dequantize_int4")(
         lambda weight, scales_and_zeros, group_size: weight.new_empty(weight.shape[0], weight.shape[1] * 2,
                                                                       dtype=torch.float32))
 
 
-def usable(x: torch.Tensor, in_features: int, multiple: int = 8) -> bool:
-    """Whether a product of these activations (..., in_features) should run on the kernels."""
+def usable(x: torch.Tensor, in_features: int, multiple: int = 8, max_rows: Optional[int] = MAX_ROWS) -> bool:
+    """Whether a product of these activations (..., in_features) should run on the kernels
+    (attention: x the queries, in_features the head size, any number of rows)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or in_features % multiple != 0:
         return False
-    if x.shape[:-1].numel() > MAX_ROWS or (torch.is_grad_enabled() and x.requires_grad):
+    if (max_rows is not None and x.shape[:-1].numel() > max_rows) or (torch.is_grad_enabled() and x.requires_grad):
         return False
     return bool(_loaded) or (_loaded is None and not torch.compiler.is_compiling() and load())
 
@@ -146,6 +153,17 @@ def linear_int4(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.T
                 group_size: int) -> torch.Tensor:
     out = torch.ops.llama_kernels.linear_int4(_rows(x), weight, scales_and_zeros, group_size)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """softmax(q kᵀ / √hd) v for one query position per row: q (B, H, 1, hd), keys and values
+    (B, Hkv, S, hd), mask None or (B or 1, 1, 1, S) bool, True where a position may be attended to.
+    Reads each row's positions up to its last visible one only. Returns (B, H, 1, hd)."""
+    flat_mask = None if mask is None else mask.reshape(mask.shape[0], mask.shape[-1]).contiguous()
+    out = torch.ops.llama_kernels.decode_attention(q.reshape(q.shape[0], q.shape[1], q.shape[3]).contiguous(),
+                                                   keys, values, flat_mask)
+    return out.view(q.shape)
 
 
 def dequantize_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

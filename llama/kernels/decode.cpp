@@ -1,4 +1,4 @@
-// Matrix products for decoding on x86-64 CPUs with AVX2 and FMA: a few rows of activations
+// Kernels for decoding on x86-64 CPUs with AVX2 and FMA. Matrix products of a few rows of activations
 // (M <= 16: batch-1 or small-batch decode steps, speculative verify passes) times a weight
 // that is streamed from memory once per call.
 //
@@ -8,21 +8,26 @@
 //     linear_int4: 4-bit codes in blocks of 32 columns (N, K/2) and bf16 (scale, zero) per row and
 //                  group of `group_size` columns:                W[n, k] = (q[n, k] - 8) * scale + zero
 //                  byte j of a row's block b holds q[32b + j] (low nibble) and q[32b + 16 + j] (high),
-//                  so one 16-byte load unpacks into 32 consecutive columns without shuffles; the
-//                  scales and zeros of each tile of 4 rows interleaved, (ceil(N/4), K/group_size, 2, 4).
+//                  so unpacking needs no shuffles (one 32-byte load: two blocks); the scales and zeros
+//                  of each tile of 4 rows interleaved, (ceil(N/4), K/group_size, 2, 4).
 //
 // MKL's fp32 matrix-vector and small matrix products reach 4-8 GB/s of weights on these machines;
 // a decode step is bound by how fast its weights stream from memory (13-18 GB/s here). Each call
-// walks W in tiles of ROWS rows, split across torch's threads: a tile is decoded once to fp32
-// (quantized weights) into a buffer that stays in L1, then multiplied with every row of x.
+// walks W in tiles of ROWS rows, split across torch's threads, and multiplies each tile with every
+// row of x while it is in L1 (int4 tiles are unpacked once for several rows).
 //
 // Every output element is one fp32 accumulator of 8 lanes over k in order, summed across lanes at
 // the end, whatever M, N or the tiling: the result for one row of x does not depend on which other
 // rows are in the call, so a verify pass of k tokens gives the logits of k single-token steps.
+//
+// And decode_attention: one new position per row against the KV cache (at the end of this file).
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -449,6 +454,110 @@ at::Tensor dequantize_int4(const at::Tensor& weight, const at::Tensor& scales_an
   return out;
 }
 
+// ---- attention of one new position per row (decode steps) ----
+//
+// out (B, H, hd) = softmax(q kᵀ / √hd) v over row b's cached positions where mask is true, query head h
+// reading key/value head h / (H / Hkv). Only the positions up to a row's last true mask entry are read:
+// a compiled decode step hands over the whole cache (static shapes) with a mask, and this reads what the
+// row holds, not max_seq_len positions.
+
+// e^x for 8 lanes (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial in r; relative
+// error about 1e-7). Lanes below -87.3 (e^x under fp32's normal range, -inf included) give 0.
+inline __m256 exp_ps(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(two_n)), underflow);
+}
+
+// q · k over hd (a multiple of 8) columns: one accumulator of 8 lanes, summed across lanes at the end.
+inline float dot(const float* q, const float* k, int64_t hd) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; d += LANES) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), acc);
+  return horizontal_sum(acc);
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous fp32 (B, H, hd)");
+  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kFloat && keys.stride(3) == 1 && keys.sizes() == values.sizes() &&
+                  values.scalar_type() == at::kFloat && values.stride(3) == 1,
+              "keys and values must be fp32 (B, Hkv, S, hd), each position's hd values contiguous");
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), Hkv = keys.size(1), S = keys.size(2);
+  TORCH_CHECK(keys.size(0) == B && keys.size(3) == hd && H % Hkv == 0 && hd % LANES == 0,
+              "q (B, H, hd) and keys (B, Hkv, S, hd) disagree, or hd is not a multiple of ", LANES);
+  const bool* mp = nullptr;
+  int64_t mask_rows = 0;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(1) == S && mask->is_contiguous() &&
+                    (mask->size(0) == 1 || mask->size(0) == B),
+                "mask must be contiguous bool (1 or B, S)");
+    mp = mask->data_ptr<bool>();
+    mask_rows = mask->size(0);
+  }
+  at::Tensor out = at::empty({B, H, hd}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S + LANES);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, g = h / (H / Hkv);
+      const bool* row_mask = mp ? mp + (mask_rows == 1 ? 0 : b) * S : nullptr;
+      int64_t length = S;  // positions past the row's last visible one are not read
+      if (row_mask)
+        while (length > 0 && !row_mask[length - 1]) --length;
+      const float* qh = qp + task * hd;
+      const float* K = kp + b * keys.stride(0) + g * keys.stride(1);
+      const float* V = vp + b * values.stride(0) + g * values.stride(1);
+      float* o = op + task * hd;
+      if (length == 0) {  // nothing visible: zeros (a filler row of a compiled step)
+        std::fill(o, o + hd, 0.0f);
+        continue;
+      }
+      float max_score = -std::numeric_limits<float>::infinity();
+      for (int64_t s = 0; s < length; ++s) {
+        const bool visible = !row_mask || row_mask[s];
+        scores[s] = visible ? dot(qh, K + s * keys.stride(2), hd) * scale : -std::numeric_limits<float>::infinity();
+        max_score = std::max(max_score, scores[s]);
+      }
+      // probabilities (unnormalized) in place, 8 at a time; the padding past `length` is -inf: 0
+      std::fill(scores.begin() + length, scores.begin() + length + LANES, -std::numeric_limits<float>::infinity());
+      __m256 total = _mm256_setzero_ps();
+      for (int64_t s = 0; s < length; s += LANES) {
+        const __m256 p = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + s), _mm256_set1_ps(max_score)));
+        _mm256_storeu_ps(scores.data() + s, p);
+        total = _mm256_add_ps(total, p);
+      }
+      const float inverse_total = 1.0f / horizontal_sum(total);
+      for (int64_t d = 0; d < hd; d += 4 * LANES) {  // 32 output columns at a time: 4 accumulators
+        const int64_t width = std::min<int64_t>(4 * LANES, hd - d);
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t s = 0; s < length; ++s) {
+          const __m256 p = _mm256_set1_ps(scores[s]);
+          const float* v = V + s * values.stride(2) + d;
+          for (int64_t i = 0; i < width / LANES; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + i * LANES), acc[i]);
+        }
+        for (int64_t i = 0; i < width / LANES; ++i)
+          _mm256_storeu_ps(o + d + i * LANES, _mm256_mul_ps(acc[i], _mm256_set1_ps(inverse_total)));
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llama_kernels, m) {
@@ -456,6 +565,7 @@ TORCH_LIBRARY(llama_kernels, m) {
   m.def("linear_int8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
   m.def("dequantize_int4(Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor? mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
@@ -463,4 +573,5 @@ TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
   m.impl("dequantize_int4", &dequantize_int4);
+  m.impl("decode_attention", &decode_attention);
 }
