@@ -206,6 +206,9 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention in two steps, with the KV cache written between them by the block
+    (`TransformerBlock.forward`): project (queries, keys, values), then attend (over the cache)."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         world_size = fs_init.get_model_parallel_world_size()
@@ -235,14 +238,6 @@ class Attention(nn.Module):
         runs once it is loaded."""
         self.wqkv = fused_column_linear([self.wq, self.wk, self.wv])
         self.wq = self.wk = self.wv = None
-
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor], kv_len: int
-    ) -> torch.Tensor:
-        """Attention of x (B, T, D) at `positions` over the cache, which takes the new keys and values."""
-        q, (k, v) = self.project(x, rope)
-        keys, values = self.cache.update(positions, k, v, kv_len)
-        return self.attend(q, keys, values, mask)
 
     def project(self, x: torch.Tensor, rope: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Queries (B, H, T, hd) of x (B, T, D), and its keys and values stacked, (2, B, Hkv, T, hd),

@@ -206,8 +206,7 @@ inline __m256 dot_bytes(__m256i unsigned_bytes, __m256i signed_bytes) {
 // int8 weights, R rows from w (stride K), against one row of x in int16: out[r] = Σ_k q_w q_x s_x (times the
 // weight's row scale, applied by the caller).
 template <int R>
-inline void dot_int8_tile(const int8_t* w, const QuantizedRows<int16_t>& x, int64_t m, int64_t K, float* out,
-                          int64_t ldo) {
+inline void dot_int8_tile(const int8_t* w, const QuantizedRows<int16_t>& x, int64_t m, int64_t K, float* out) {
   const int16_t* xq = x.q.data() + m * K;
   const float* xs = x.scale.data() + m * K / BLOCK;
   __m256 acc[R];
@@ -226,7 +225,7 @@ inline void dot_int8_tile(const int8_t* w, const QuantizedRows<int16_t>& x, int6
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), s, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r * ldo] = horizontal_sum(acc[r]);
+  for (int r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]);
 }
 
 // ---- int4 ----
@@ -314,7 +313,7 @@ void unpack_tile(const PackedInt4& packed, __m256i* codes) {
 // gives all four rows'.
 template <int R, typename Codes>
 inline void dot_int4_tile(const Codes& w, const uint16_t* tile_scales, int64_t group_size,
-                          const QuantizedRows<int8_t>& x, int64_t m, int64_t K, float* out, int64_t ldo) {
+                          const QuantizedRows<int8_t>& x, int64_t m, int64_t K, float* out) {
   const int8_t* xq = x.q.data() + m * K;
   const float* xs = x.scale.data() + m * K / BLOCK;
   const float* xsum = x.sum.data() + m * K / BLOCK;
@@ -357,7 +356,7 @@ inline void dot_int4_tile(const Codes& w, const uint16_t* tile_scales, int64_t g
   }
   float offsets[2 * ROWS];
   _mm256_storeu_ps(offsets, offset);
-  for (int r = 0; r < R; ++r) out[r * ldo] = horizontal_sum(acc[r]) + (offsets[r] + offsets[ROWS + r]);
+  for (int r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]) + (offsets[r] + offsets[ROWS + r]);
 }
 
 template <typename TileFn>
@@ -378,7 +377,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::
   const uint16_t* sp = static_cast<const uint16_t*>(scales.data_ptr());
   for_each_tile(out, [&](int64_t n, int64_t rows, float* partial) {
     each_row_of_x(rows, M, partial, [&](auto R, int64_t m, float* o) {
-      dot_int8_tile<decltype(R)::value>(wp + n * K, xq, m, K, o, 1);
+      dot_int8_tile<decltype(R)::value>(wp + n * K, xq, m, K, o);
       for (int64_t r = 0; r < rows; ++r) o[r] *= bf16_to_float(sp[n + r]);
     });
   });
@@ -407,13 +406,13 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
     const uint16_t* tile_scales = sp + n * groups * 2;  // tile n / ROWS
     with_rows(rows, [&](auto R) {
       constexpr int Rows = decltype(R)::value;
-      if (M == 1) return dot_int4_tile<Rows>(packed, tile_scales, group_size, xq, 0, K, partial, 1);
+      if (M == 1) return dot_int4_tile<Rows>(packed, tile_scales, group_size, xq, 0, K, partial);
       thread_local std::vector<__m256i> codes;  // the tile unpacked once for every row of x
       codes.resize(ROWS * K / BLOCK);
       unpack_tile<Rows>(packed, codes.data());
       const UnpackedInt4 unpacked{codes.data(), K};
       for (int64_t m = 0; m < M; ++m)
-        dot_int4_tile<Rows>(unpacked, tile_scales, group_size, xq, m, K, partial + m * ROWS, 1);
+        dot_int4_tile<Rows>(unpacked, tile_scales, group_size, xq, m, K, partial + m * ROWS);
     });
   });
   return out;
@@ -511,14 +510,17 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   const float* vp = values.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  // Per row, once for all its heads: the positions read, up to its last visible one.
+  std::vector<int64_t> lengths(B, S);
+  for (int64_t b = 0; mp && b < B; ++b) {
+    const bool* row_mask = mp + (mask_rows == 1 ? 0 : b) * S;
+    while (lengths[b] > 0 && !row_mask[lengths[b] - 1]) --lengths[b];
+  }
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(S + LANES);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / H, h = task % H, g = h / (H / Hkv);
+      const int64_t b = task / H, h = task % H, g = h / (H / Hkv), length = lengths[b];
       const bool* row_mask = mp ? mp + (mask_rows == 1 ? 0 : b) * S : nullptr;
-      int64_t length = S;  // positions past the row's last visible one are not read
-      if (row_mask)
-        while (length > 0 && !row_mask[length - 1]) --length;
       const float* qh = qp + task * hd;
       const float* K = kp + b * keys.stride(0) + g * keys.stride(1);
       const float* V = vp + b * values.stride(0) + g * values.stride(1);
