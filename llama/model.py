@@ -360,13 +360,38 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x, positions, rope, mask, kv_len):
+        # A decode step on the CPU kernels: the whole block in one C++ call (the same math as below), eager
+        # or compiled (an opaque call in the graph). Decode steps are causal: row b sees positions <= its own.
+        if x.shape[1] == 1:
+            linears = self.kernel_linears(x)
+            if linears is not None:
+                attn = self.attention
+                return kernels.decode_block(x, self.attention_norm.weight, self.ffn_norm.weight, self.ffn_norm.eps,
+                                            rope, positions, attn.cache.k, attn.cache.v, attn.n_local_heads, linears)
         q, (k, v) = self.attention_inputs(x, rope)
         keys, values = self.attention.cache.update(positions, k, v, kv_len)
         return self.attention_and_feed_forward(x, q, keys, values, mask)
 
-    # Compiled (the CPU decode step), these two halves of a block are traced and compiled once each and
-    # that code runs for every layer: the first compilation takes seconds instead of the minutes of 30
-    # layers. The KV cache is written between them, outside the regions: a region that mutated its inputs
+    def kernel_linears(self, x: torch.Tensor) -> Optional[list]:
+        """The operands of wqkv, wo, w13 and w2 for `llama.kernels.decode_block`, or None where it does not
+        apply: not on the CPU kernels (fp32, no autograd), projections not fused, model-parallel size > 1
+        (the block sums wo's and w2's outputs over ranks), or a layer that is none of the kernels' kinds."""
+        attn, ffn = self.attention, self.feed_forward
+        if (attn.wqkv is None or ffn.w13 is None or fs_init.get_model_parallel_world_size() != 1
+                or self.attention_norm.weight.dtype != torch.float32 or attn.cache.k.dtype != torch.float32
+                or not kernels.usable(x, x.shape[-1], multiple=kernels.BLOCK)):
+            return None
+        linears = []
+        for layer in (attn.wqkv, attn.wo, ffn.w13, ffn.w2):
+            operands = getattr(layer, "kernel_operands", lambda: None)()  # fairscale's own layers: None
+            if operands is None:
+                return None
+            linears.append(operands)
+        return linears
+
+    # Compiled (a decode step that does not take `kernels.decode_block`: on a GPU, in bf16, under
+    # torchrun), these two halves of a block are traced and compiled once each and that code runs for
+    # every layer: the first compilation takes seconds instead of the minutes of 30 layers. The KV cache is written between them, outside the regions: a region that mutated its inputs
     # would work on copies of the cache rows and copy them back, every layer of every step. In eager
     # mode the decorators do nothing.
     @torch.compiler.nested_compile_region

@@ -59,6 +59,10 @@ class ColumnParallel(nn.Module):
         self.weight = layer.weight  # (out_features / ranks, in_features)
         self.gather_output = layer.gather_output
 
+    def kernel_operands(self):
+        """(weight, None, 0), the operands `llama.kernels.decode_block` multiplies with; None unless fp32."""
+        return (self.weight, None, 0) if self.weight.dtype == torch.float32 else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight)
         return all_gather_last_dim(y) if self.gather_output else y
@@ -73,6 +77,8 @@ class RowParallel(nn.Module):
         if not layer.input_is_parallel:
             raise ValueError("the twin of RowParallelLinear takes inputs already split (input_is_parallel=True)")
         self.input_is_parallel = True
+
+    kernel_operands = ColumnParallel.kernel_operands
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return all_reduce(linear(x, self.weight))

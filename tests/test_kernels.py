@@ -3,12 +3,18 @@ fp32 weights against x Wᵀ; int8 and int4 weights against the same products wit
 quantized in blocks of 32 as the kernels do (int16 for int8 weights, int8 for int4), and against
 the unquantized products."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llama import kernels
+from llama.model import ModelArgs, Transformer
+from llama.parallel import make_compilable
 from llama.quantize.kernels import dequantize_int4, quantize_int4_groups, quantize_int8_rows, unpack_nibbles
+from llama.quantize.transform import quantize_model
+from tests.conftest import TINY_PARAMS, random_state_dict
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="the CPU kernels need Linux on x86-64 with AVX2")
 
@@ -149,6 +155,87 @@ def test_decode_attention_reads_only_visible_positions():
     keys[:, :, 10:], values[:, :, 10:] = float("nan"), float("nan")
     out = kernels.decode_attention(q, keys, values, mask)
     assert torch.equal(out, expected) and torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+BLOCK_PARAMS = {**TINY_PARAMS, "vocab_size": 256}  # dim 64, 4 heads of 16, 2 KV heads, SwiGLU width 224
+
+
+def engine_model(mode: str, params=BLOCK_PARAMS, max_batch_size=4, max_seq_len=48) -> Transformer:
+    """A random-weight model laid out as the engine runs it: fused projections, fairscale's layers swapped
+    for their twins, the linears quantized as `mode` says."""
+    model = Transformer(ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size))
+    model.load_state_dict(random_state_dict(params), strict=False)
+    make_compilable(model.fuse_projections())
+    if mode != "fp32":
+        quantize_model(model, mode)
+    return model
+
+
+def python_block(layer, x, positions, rope, kv_len):
+    """TransformerBlock's own PyTorch code: project, write the cache, attend, feed-forward."""
+    mask = (torch.arange(kv_len)[None, None, :] <= positions[:, :, None])[:, None]  # (B or 1, 1, 1, S)
+    q, (k, v) = layer.attention_inputs(x, rope)
+    keys, values = layer.attention.cache.update(positions, k, v, kv_len)
+    return layer.attention_and_feed_forward(x, q, keys, values, mask)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_decode_block_computes_the_transformer_block(mode, n_kv_heads):
+    """One C++ call against the block's PyTorch code, rows at their own positions (and all at one):
+    the same output and the same keys and values written. fp32 is checked against float64 (the PyTorch
+    code run on a float64 copy, which the kernels do not take); int8 and int4 against the PyTorch code
+    on the same weights (whose products are the same kernels: this checks everything around them)."""
+    torch.manual_seed(n_kv_heads)
+    model = engine_model(mode, {**BLOCK_PARAMS, "n_kv_heads": n_kv_heads})
+    layer, cache = model.layers[1], model.layers[1].attention.cache
+    with torch.inference_mode():
+        model.forward_hidden(torch.randint(0, 256, (3, 30)), 0)  # positions 0..29 of rows 0..2 filled
+        reference_layer = layer
+        if mode == "fp32":
+            reference_layer = copy.deepcopy(layer).double()
+        for positions in (torch.tensor([[30], [4], [29]]), torch.tensor([[30]])):
+            x = torch.randn(3, 1, 64)
+            rope = model.rope[positions]  # (B or 1, 1, hd/2, 2)
+            assert layer.kernel_linears(x) is not None
+            before = cache.k.clone(), cache.v.clone()
+            reference_layer.attention.cache.k.copy_(before[0]), reference_layer.attention.cache.v.copy_(before[1])
+            inputs = (x, rope) if mode != "fp32" else (x.double(), rope.double())
+            expected = python_block(reference_layer, inputs[0], positions, inputs[1], 48)
+            out = layer(x, positions, rope, None, 48)  # the block takes the kernel
+            tolerance = 1e-5 if mode != "int8" else 3e-5  # int8: activations rounded to int16 differently
+            assert_close(out, expected.double(), tolerance)
+            for written, reference in ((cache.k, reference_layer.attention.cache.k),
+                                       (cache.v, reference_layer.attention.cache.v)):
+                assert_close(written, reference.double(), 1e-5)
+            # Only the new positions were written.
+            changed = (cache.k != before[0]).any(-1)  # (max batch, Hkv, S)
+            rows = torch.arange(3)[:, None]
+            expected_changed = torch.zeros_like(changed)
+            expected_changed[rows, :, positions] = True
+            assert torch.equal(changed, expected_changed)
+
+
+def test_decode_block_runs_where_it_applies_only():
+    x = torch.randn(2, 1, 64)
+    with torch.inference_mode():
+        assert engine_model("int4").layers[0].kernel_linears(x) is not None
+        assert engine_model("llm.int8").layers[0].kernel_linears(x) is None  # its own outlier product
+        unfused = Transformer(ModelArgs.from_params(BLOCK_PARAMS, max_seq_len=16, max_batch_size=2))
+        assert make_compilable(unfused).layers[0].kernel_linears(x) is None  # three projections, not wqkv
+        assert engine_model("fp32").layers[0].kernel_linears(x.double()) is None
+    with torch.enable_grad():
+        assert engine_model("fp32").layers[0].kernel_linears(x.requires_grad_()) is None
+
+
+def test_decode_block_errors():
+    model = engine_model("fp32")
+    layer = model.layers[0]
+    attn = layer.attention
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.decode_block(torch.randn(1, 1, 64), layer.attention_norm.weight, layer.ffn_norm.weight, 1e-5,
+                             model.rope[torch.tensor([[0]])], torch.tensor([[48]]), attn.cache.k, attn.cache.v, 4,
+                             layer.kernel_linears(torch.randn(1, 1, 64)))
 
 
 def test_usable():

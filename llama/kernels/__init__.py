@@ -17,6 +17,11 @@ visible positions (a compiled step passes the whole cache with a mask; PyTorch w
 
     decode_attention(q, keys, values, mask)  q (B, H, 1, hd), keys/values (B, Hkv, S, hd) -> (B, H, 1, hd)
 
+and a whole transformer block for one new position per row, `decode_block`: what
+`llama.model.TransformerBlock` computes, its KV cache written and read, in one call (at model-parallel
+size 1, where a batch-1 step spent as long dispatching the block's twenty-odd PyTorch operations as
+multiplying its weights).
+
 int8 weights meet the activations quantized to int16 and int4 weights to int8, in blocks of 32
 columns (integer dot products). `usable(x)` says whether a call with these activations should take them: x86-64 with AVX2 and
 FMA, a C++ compiler to build the extension (once per machine and torch version, cached under
@@ -36,7 +41,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.utils.cpp_extension
@@ -120,6 +125,7 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"llama_kernels::{name}")(
             lambda x, weight, *args: x.new_empty(x.shape[0], weight.shape[0]))
     torch.library.register_fake("llama_kernels::decode_attention")(lambda q, keys, values, mask: torch.empty_like(q))
+    torch.library.register_fake("llama_kernels::decode_block")(lambda x, *args: torch.empty_like(x))
     torch.library.register_fake("llama_kernels::dequantize_int4")(
         lambda weight, scales_and_zeros, group_size: weight.new_empty(weight.shape[0], weight.shape[1] * 2,
                                                                       dtype=torch.float32))
@@ -164,6 +170,23 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     out = torch.ops.llama_kernels.decode_attention(q.reshape(q.shape[0], q.shape[1], q.shape[3]).contiguous(),
                                                    keys, values, flat_mask)
     return out.view(q.shape)
+
+
+def decode_block(x: torch.Tensor, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
+                 rope: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                 n_heads: int, linears: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor], int]]) -> torch.Tensor:
+    """A transformer block for one new token per row: x (B, 1, D) -> (B, 1, D), as
+    `llama.model.TransformerBlock` computes it; the keys and values of the new tokens are written into
+    cache_k, cache_v (B', Hkv, S, hd) at `positions` ((1, 1) or (B, 1)), and row b attends to its
+    positions 0..positions[b]. rope (1 or B, 1, hd/2, 2): cos and sin at the positions. linears: wqkv, wo,
+    w13 (gate, then up), w2, each as (weight, scales or None, group size), what linear_f32 (scales None),
+    linear_int8 (int8 weight) or linear_int4 (uint8 weight) take."""
+    bsz, _, dim = x.shape
+    weights, scales, group_sizes = zip(*linears)
+    out = torch.ops.llama_kernels.decode_block(
+        x.reshape(bsz, dim).contiguous(), attention_norm, ffn_norm, eps, rope.reshape(rope.shape[0], -1, 2),
+        positions.reshape(-1), cache_k, cache_v, n_heads, list(weights), list(scales), list(group_sizes))
+    return out.view(bsz, 1, dim)
 
 
 def dequantize_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -20,7 +20,8 @@
 // the end, whatever M, N or the tiling: the result for one row of x does not depend on which other
 // rows are in the call, so a verify pass of k tokens gives the logits of k single-token steps.
 //
-// And decode_attention: one new position per row against the KV cache (at the end of this file).
+// And decode_attention: one new position per row against the KV cache; decode_block: a whole transformer
+// block for one new position per row (at the end of this file).
 
 #include <immintrin.h>
 
@@ -486,36 +487,14 @@ inline float dot(const float* q, const float* k, int64_t hd) {
   return horizontal_sum(acc);
 }
 
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                            const std::optional<at::Tensor>& mask) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous fp32 (B, H, hd)");
-  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kFloat && keys.stride(3) == 1 && keys.sizes() == values.sizes() &&
-                  values.scalar_type() == at::kFloat && values.stride(3) == 1,
-              "keys and values must be fp32 (B, Hkv, S, hd), each position's hd values contiguous");
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), Hkv = keys.size(1), S = keys.size(2);
-  TORCH_CHECK(keys.size(0) == B && keys.size(3) == hd && H % Hkv == 0 && hd % LANES == 0,
-              "q (B, H, hd) and keys (B, Hkv, S, hd) disagree, or hd is not a multiple of ", LANES);
-  const bool* mp = nullptr;
-  int64_t mask_rows = 0;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(1) == S && mask->is_contiguous() &&
-                    (mask->size(0) == 1 || mask->size(0) == B),
-                "mask must be contiguous bool (1 or B, S)");
-    mp = mask->data_ptr<bool>();
-    mask_rows = mask->size(0);
-  }
-  at::Tensor out = at::empty({B, H, hd}, q.options());
-  const float* qp = q.data_ptr<float>();
+// Attention of q (B, H, hd) contiguous over each row's first lengths[b] positions of keys and values
+// (B', Hkv, S, hd), B' >= B, where row_mask (1 or B rows of S, or null: all) is true; into out (B, H, hd).
+void attend(const float* qp, int64_t B, int64_t H, int64_t hd, const at::Tensor& keys, const at::Tensor& values,
+            const std::vector<int64_t>& lengths, const bool* mp, int64_t mask_rows, float* op) {
+  const int64_t Hkv = keys.size(1), S = keys.size(2);
   const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  // Per row, once for all its heads: the positions read, up to its last visible one.
-  std::vector<int64_t> lengths(B, S);
-  for (int64_t b = 0; mp && b < B; ++b) {
-    const bool* row_mask = mp + (mask_rows == 1 ? 0 : b) * S;
-    while (lengths[b] > 0 && !row_mask[lengths[b] - 1]) --lengths[b];
-  }
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(S + LANES);
     for (int64_t task = begin; task < end; ++task) {
@@ -557,6 +536,165 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
       }
     }
   });
+}
+
+void check_cache(const at::Tensor& keys, const at::Tensor& values) {
+  TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == at::kFloat && keys.stride(3) == 1 && keys.sizes() == values.sizes() &&
+                  values.scalar_type() == at::kFloat && values.stride(3) == 1,
+              "keys and values must be fp32 (B, Hkv, S, hd), each position's hd values contiguous");
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous fp32 (B, H, hd)");
+  check_cache(keys, values);
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), Hkv = keys.size(1), S = keys.size(2);
+  TORCH_CHECK(keys.size(0) == B && keys.size(3) == hd && H % Hkv == 0 && hd % LANES == 0,
+              "q (B, H, hd) and keys (B, Hkv, S, hd) disagree, or hd is not a multiple of ", LANES);
+  const bool* mp = nullptr;
+  int64_t mask_rows = 0;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(1) == S && mask->is_contiguous() &&
+                    (mask->size(0) == 1 || mask->size(0) == B),
+                "mask must be contiguous bool (1 or B, S)");
+    mp = mask->data_ptr<bool>();
+    mask_rows = mask->size(0);
+  }
+  // Per row, once for all its heads: the positions read, up to its last visible one.
+  std::vector<int64_t> lengths(B, S);
+  for (int64_t b = 0; mp && b < B; ++b) {
+    const bool* row_mask = mp + (mask_rows == 1 ? 0 : b) * S;
+    while (lengths[b] > 0 && !row_mask[lengths[b] - 1]) --lengths[b];
+  }
+  at::Tensor out = at::empty({B, H, hd}, q.options());
+  attend(q.data_ptr<float>(), B, H, hd, keys, values, lengths, mp, mask_rows, out.data_ptr<float>());
+  return out;
+}
+
+// ---- a whole transformer block for one new token per row (decode steps at model-parallel size 1) ----
+//
+// What llama.model.TransformerBlock computes for x (B, 1, D), in one call instead of some twenty
+// PyTorch operations (a batch-1 step's time went as much to dispatching those as to the products):
+//
+//   h = x + wo(attention(rope(q), cache with rope(k), v written at each row's position))
+//       where q, k, v = split(wqkv(rms_norm(x) * attention_norm))
+//   out = h + w2(silu(gate) * up),  gate, up = chunk(w13(rms_norm(h) * ffn_norm))
+//
+// Each row attends to its cache positions 0..positions[b] (causal decoding). The linears are given as
+// (weight, scales or None, group size): fp32, int8 or int4 (kernel layout) weights, as linear_* take them.
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
+                  int64_t group_size) {
+  if (!scales.has_value()) return linear_f32(x, weight);
+  if (weight.scalar_type() == at::kChar) return linear_int8(x, weight, *scales);
+  return linear_int4(x, weight, *scales, group_size);
+}
+
+// out[b] = x[b] / sqrt(mean(x[b]²) + eps) * weight, over D columns
+void rms_norm(const float* x, int64_t B, int64_t D, const float* weight, double eps, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = x + b * D;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += LANES) {
+      const __m256 v = _mm256_loadu_ps(row + d);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    const float inverse = 1.0f / std::sqrt(horizontal_sum(acc) / static_cast<float>(D) + static_cast<float>(eps));
+    for (int64_t d = 0; d < D; ++d) out[b * D + d] = row[d] * inverse * weight[d];
+  }
+}
+
+// Rotates the interleaved pairs (v[2i], v[2i+1]) of `heads` heads of hd values by cos/sin table (hd/2, 2).
+void rotate(float* v, int64_t heads, int64_t hd, const float* table) {
+  for (int64_t h = 0; h < heads; ++h, v += hd)
+    for (int64_t i = 0; i < hd / 2; ++i) {
+      const float cos = table[2 * i], sin = table[2 * i + 1], even = v[2 * i], odd = v[2 * i + 1];
+      v[2 * i] = even * cos - odd * sin;
+      v[2 * i + 1] = even * sin + odd * cos;
+    }
+}
+
+at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attention_norm, const at::Tensor& ffn_norm, double eps,
+                        const at::Tensor& rope, const at::Tensor& positions, at::Tensor& cache_k, at::Tensor& cache_v,
+                        int64_t n_heads, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
+                        at::IntArrayRef group_sizes) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (B, D)");
+  check_cache(cache_k, cache_v);
+  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "the KV cache must be contiguous (B, Hkv, S, hd)");
+  TORCH_CHECK(weights.size() == 4 && scales.size() == 4 && group_sizes.size() == 4,
+              "weights, scales and group_sizes are for wqkv, wo, w13, w2");
+  const int64_t B = x.size(0), D = x.size(1), Hkv = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
+  const int64_t q_width = n_heads * hd, kv_width = Hkv * hd;
+  TORCH_CHECK(cache_k.size(0) >= B && n_heads % Hkv == 0 && hd % LANES == 0 && D % LANES == 0,
+              "x (B, D), n_heads and the cache (B, Hkv, S, hd) disagree");
+  TORCH_CHECK(attention_norm.numel() == D && ffn_norm.numel() == D && attention_norm.scalar_type() == at::kFloat &&
+                  ffn_norm.scalar_type() == at::kFloat && attention_norm.is_contiguous() && ffn_norm.is_contiguous(),
+              "the norms' weights must be contiguous fp32 (D,)");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
+                  (positions.size(0) == 1 || positions.size(0) == B),
+              "positions must be long (1 or B,)");
+  TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.dim() == 3 &&
+                  rope.size(0) == positions.size(0) && rope.size(1) == hd / 2 && rope.size(2) == 2,
+              "rope must be contiguous fp32 (1 or B, hd/2, 2): cos and sin at the positions");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const bool shared = positions.size(0) == 1;
+  std::vector<int64_t> lengths(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t p = pos[shared ? 0 : b];
+    TORCH_CHECK(p >= 0 && p < S, "position ", p, " is outside the cache's ", S, " positions");
+    lengths[b] = p + 1;
+  }
+  auto layer = [&](int i, const at::Tensor& in) {
+    return linear(in, weights[i], scales.get(i), group_sizes[i]);
+  };
+
+  // Attention
+  at::Tensor normed = at::empty({B, D}, x.options());
+  rms_norm(x.data_ptr<float>(), B, D, attention_norm.data_ptr<float>(), eps, normed.data_ptr<float>());
+  at::Tensor qkv = layer(0, normed);  // (B, q_width + 2 kv_width)
+  TORCH_CHECK(qkv.size(1) == q_width + 2 * kv_width, "wqkv has ", qkv.size(1), " outputs, expected ",
+              q_width + 2 * kv_width);
+  at::Tensor q = at::empty({B, n_heads, hd}, x.options());
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = qkv.data_ptr<float>() + b * qkv.size(1);
+    const float* table = rope.data_ptr<float>() + (shared ? 0 : b) * hd;
+    rotate(row, n_heads + Hkv, hd, table);  // q's heads, then k's
+    std::memcpy(q.data_ptr<float>() + b * q_width, row, q_width * sizeof(float));
+    const int64_t p = pos[shared ? 0 : b];
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t at_position = ((b * Hkv + g) * S + p) * hd;
+      std::memcpy(cache_k.data_ptr<float>() + at_position, row + q_width + g * hd, hd * sizeof(float));
+      std::memcpy(cache_v.data_ptr<float>() + at_position, row + q_width + kv_width + g * hd, hd * sizeof(float));
+    }
+  }
+  at::Tensor attended = at::empty({B, q_width}, x.options());
+  attend(q.data_ptr<float>(), B, n_heads, hd, cache_k, cache_v, lengths, nullptr, 0, attended.data_ptr<float>());
+  at::Tensor h = layer(1, attended);  // (B, D)
+  TORCH_CHECK(h.size(1) == D, "wo has ", h.size(1), " outputs, expected ", D);
+  float* hp = h.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < B * D; ++i) hp[i] += xp[i];
+
+  // Feed-forward (SwiGLU)
+  rms_norm(hp, B, D, ffn_norm.data_ptr<float>(), eps, normed.data_ptr<float>());
+  at::Tensor gate_up = layer(2, normed);  // (B, 2F)
+  const int64_t F = gate_up.size(1) / 2;
+  TORCH_CHECK(F % LANES == 0, "w13's width must be a multiple of ", 2 * LANES);
+  at::Tensor gated = at::empty({B, F}, x.options());
+  for (int64_t b = 0; b < B; ++b) {
+    const float* gate = gate_up.data_ptr<float>() + b * 2 * F;
+    const float* up = gate + F;
+    float* out = gated.data_ptr<float>() + b * F;
+    for (int64_t f = 0; f < F; f += LANES) {  // silu(g) * u = g * u / (1 + e^-g)
+      const __m256 g = _mm256_loadu_ps(gate + f);
+      const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+      _mm256_storeu_ps(out + f, _mm256_div_ps(_mm256_mul_ps(g, _mm256_loadu_ps(up + f)), denominator));
+    }
+  }
+  at::Tensor out = layer(3, gated);  // (B, D)
+  TORCH_CHECK(out.size(1) == D, "w2 has ", out.size(1), " outputs, expected ", D);
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < B * D; ++i) op[i] += hp[i];
   return out;
 }
 
@@ -568,6 +706,9 @@ TORCH_LIBRARY(llama_kernels, m) {
   m.def("linear_int4(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
   m.def("dequantize_int4(Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor? mask) -> Tensor");
+  m.def("decode_block(Tensor x, Tensor attention_norm, Tensor ffn_norm, float eps, Tensor rope, Tensor positions, "
+        "Tensor(a!) cache_k, Tensor(b!) cache_v, int n_heads, Tensor[] weights, Tensor?[] scales, "
+        "int[] group_sizes) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
@@ -576,4 +717,5 @@ TORCH_LIBRARY_IMPL(llama_kernels, CPU, m) {
   m.impl("linear_int4", &linear_int4);
   m.impl("dequantize_int4", &dequantize_int4);
   m.impl("decode_attention", &decode_attention);
+  m.impl("decode_block", &decode_block);
 }

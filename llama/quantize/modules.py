@@ -82,6 +82,10 @@ class QuantizedLinear(nn.Module):
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def kernel_operands(self) -> Optional[tuple]:
+        """(weight, scales, group size) as `llama.kernels.decode_block` takes this layer, or None: not there."""
+        return None
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, parallel={self.parallel}"
 
@@ -104,6 +108,9 @@ class Int8Linear(QuantizedLinear):
     def dequantize(self) -> torch.Tensor:
         return self.weight.float() * self.scales.float()[:, None]  # (N, K)
 
+    def kernel_operands(self) -> Optional[tuple]:
+        return (self.weight, self.scales, 0) if self.in_features % kernels.BLOCK == 0 else None
+
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.usable(x, self.in_features, multiple=kernels.BLOCK):
             return kernels.linear_int8(x, self.weight, self.scales)
@@ -125,6 +132,9 @@ class LLMInt8Linear(Int8Linear):
     """
 
     threshold = LLM_INT8_THRESHOLD
+
+    def kernel_operands(self) -> Optional[tuple]:
+        return None  # its own product (outlier columns in fp32), not the kernels' int8 one
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()  # (M, K), M = B*T
@@ -214,6 +224,9 @@ class Int4Linear(QuantizedLinear):
         if self.packing == "blocks":  # straight from the kernel layout, vectorized: prefills run this per pass
             return kernels.dequantize_int4(self.weight, self.scales_and_zeros, self.group_size)
         return dequantize_int4(self.portable_weight(), self.portable_scales_and_zeros(), self.group_size)
+
+    def kernel_operands(self) -> Optional[tuple]:
+        return (self.weight, self.scales_and_zeros, self.group_size) if self.packing == "blocks" else None
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packing is not None and x.device.type != "cpu":
