@@ -360,14 +360,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x, positions, rope, mask, kv_len):
-        # A decode step on the CPU kernels: the whole block in one C++ call (the same math as below), eager
-        # or compiled (an opaque call in the graph). Decode steps are causal: row b sees positions <= its own.
-        if x.shape[1] == 1:
-            linears = self.kernel_linears(x)
-            if linears is not None:
-                attn = self.attention
-                return kernels.decode_block(x, self.attention_norm.weight, self.ffn_norm.weight, self.ffn_norm.eps,
-                                            rope, positions, attn.cache.k, attn.cache.v, attn.n_local_heads, linears)
+        # A decode step or a speculative verify pass on the CPU kernels (at most kernels.MAX_ROWS tokens):
+        # the whole block in one C++ call (the same math as below), eager or compiled (an opaque call in
+        # the graph). It reads the causal mask off the positions: a token sees its row's positions <= its own.
+        linears = self.kernel_linears(x)
+        if linears is not None:
+            attn = self.attention
+            return kernels.decode_block(x, self.attention_norm.weight, self.ffn_norm.weight, self.ffn_norm.eps,
+                                        rope, positions, attn.cache.k, attn.cache.v, attn.n_local_heads, linears)
         q, (k, v) = self.attention_inputs(x, rope)
         keys, values = self.attention.cache.update(positions, k, v, kv_len)
         return self.attention_and_feed_forward(x, q, keys, values, mask)
@@ -379,7 +379,7 @@ class TransformerBlock(nn.Module):
         attn, ffn = self.attention, self.feed_forward
         if (attn.wqkv is None or ffn.w13 is None or fs_init.get_model_parallel_world_size() != 1
                 or self.attention_norm.weight.dtype != torch.float32 or attn.cache.k.dtype != torch.float32
-                or not kernels.usable(x, x.shape[-1], multiple=kernels.BLOCK)):
+                or not kernels.usable(x, x.shape[-1], multiple=kernels.BLOCK)):  # (at most MAX_ROWS tokens)
             return None
         linears = []
         for layer in (attn.wqkv, attn.wo, ffn.w13, ffn.w2):

@@ -182,7 +182,8 @@ def python_block(layer, x, positions, rope, kv_len):
 @pytest.mark.parametrize("mode", ["fp32", "int8", "int4"])
 @pytest.mark.parametrize("n_kv_heads", [2, 4])
 def test_decode_block_computes_the_transformer_block(mode, n_kv_heads):
-    """One C++ call against the block's PyTorch code, rows at their own positions (and all at one):
+    """One C++ call against the block's PyTorch code, one and several new tokens per row (a decode
+    step, a speculative verify pass), rows at their own positions and all at the same ones:
     the same output and the same keys and values written. fp32 is checked against float64 (the PyTorch
     code run on a float64 copy, which the kernels do not take); int8 and int4 against the PyTorch code
     on the same weights (whose products are the same kernels: this checks everything around them)."""
@@ -194,8 +195,9 @@ def test_decode_block_computes_the_transformer_block(mode, n_kv_heads):
         reference_layer = layer
         if mode == "fp32":
             reference_layer = copy.deepcopy(layer).double()
-        for positions in (torch.tensor([[30], [4], [29]]), torch.tensor([[30]])):
-            x = torch.randn(3, 1, 64)
+        for positions in (torch.tensor([[30], [4], [29]]), torch.tensor([[30]]),  # decode steps
+                          torch.tensor([[30, 31, 32], [4, 5, 6], [29, 30, 31]]), torch.tensor([[30, 31]])):  # verify
+            x = torch.randn(3, positions.shape[1], 64)
             rope = model.rope[positions]  # (B or 1, 1, hd/2, 2)
             assert layer.kernel_linears(x) is not None
             before = cache.k.clone(), cache.v.clone()
@@ -210,16 +212,33 @@ def test_decode_block_computes_the_transformer_block(mode, n_kv_heads):
                 assert_close(written, reference.double(), 1e-5)
             # Only the new positions were written.
             changed = (cache.k != before[0]).any(-1)  # (max batch, Hkv, S)
-            rows = torch.arange(3)[:, None]
+            rows = torch.arange(3)[:, None]  # (B, 1), with positions (1 or B, T)
             expected_changed = torch.zeros_like(changed)
             expected_changed[rows, :, positions] = True
             assert torch.equal(changed, expected_changed)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int4"])
+def test_a_verify_pass_gives_the_single_token_steps_outputs(mode):
+    """Bit for bit: the block's output for k tokens in one call is that of k one-token calls (what keeps
+    speculative decoding's greedy tokens those of plain decoding)."""
+    torch.manual_seed(7)
+    model = engine_model(mode)
+    layer = model.layers[0]
+    with torch.inference_mode():
+        model.forward_hidden(torch.randint(0, 256, (2, 10)), 0)
+        x, positions = torch.randn(2, 4, 64), torch.tensor([[10, 11, 12, 13], [3, 4, 5, 6]])
+        together = layer(x, positions, model.rope[positions], None, 48)
+        for t in range(4):
+            one = positions[:, t:t + 1]
+            assert torch.equal(layer(x[:, t:t + 1], one, model.rope[one], None, 48), together[:, t:t + 1])
 
 
 def test_decode_block_runs_where_it_applies_only():
     x = torch.randn(2, 1, 64)
     with torch.inference_mode():
         assert engine_model("int4").layers[0].kernel_linears(x) is not None
+        assert engine_model("int4").layers[0].kernel_linears(torch.randn(2, 9, 64)) is None  # 18 rows: a prefill
         assert engine_model("llm.int8").layers[0].kernel_linears(x) is None  # its own outlier product
         unfused = Transformer(ModelArgs.from_params(BLOCK_PARAMS, max_seq_len=16, max_batch_size=2))
         assert make_compilable(unfused).layers[0].kernel_linears(x) is None  # three projections, not wqkv

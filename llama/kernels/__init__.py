@@ -17,9 +17,9 @@ visible positions (a compiled step passes the whole cache with a mask; PyTorch w
 
     decode_attention(q, keys, values, mask)  q (B, H, 1, hd), keys/values (B, Hkv, S, hd) -> (B, H, 1, hd)
 
-and a whole transformer block for one new position per row, `decode_block`: what
-`llama.model.TransformerBlock` computes, its KV cache written and read, in one call (at model-parallel
-size 1, where a batch-1 step spent as long dispatching the block's twenty-odd PyTorch operations as
+and a whole transformer block for a few new positions per row (decode steps, speculative verify
+passes), `decode_block`: what `llama.model.TransformerBlock` computes, its KV cache written and read, in
+one call (at model-parallel size 1, where a batch-1 step spent as long dispatching the block's twenty-odd PyTorch operations as
 multiplying its weights).
 
 int8 weights meet the activations quantized to int16 and int4 weights to int8, in blocks of 32
@@ -175,18 +175,16 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 def decode_block(x: torch.Tensor, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
                  rope: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                  n_heads: int, linears: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor], int]]) -> torch.Tensor:
-    """A transformer block for one new token per row: x (B, 1, D) -> (B, 1, D), as
-    `llama.model.TransformerBlock` computes it; the keys and values of the new tokens are written into
-    cache_k, cache_v (B', Hkv, S, hd) at `positions` ((1, 1) or (B, 1)), and row b attends to its
-    positions 0..positions[b]. rope (1 or B, 1, hd/2, 2): cos and sin at the positions. linears: wqkv, wo,
-    w13 (gate, then up), w2, each as (weight, scales or None, group size), what linear_f32 (scales None),
-    linear_int8 (int8 weight) or linear_int4 (uint8 weight) take."""
-    bsz, _, dim = x.shape
+    """A transformer block for a few new tokens per row (B * T <= MAX_ROWS): x (B, T, D) -> (B, T, D), as
+    `llama.model.TransformerBlock` computes it. The keys and values of the new tokens are written into
+    cache_k, cache_v (B', Hkv, S, hd) at `positions` ((1 or B, T)), and the token at position p of row b
+    attends to that row's positions 0..p. rope (1 or B, T, hd/2, 2): cos and sin at the positions.
+    linears: wqkv, wo, w13 (gate, then up), w2, each as (weight, scales or None, group size), what
+    linear_f32 (scales None), linear_int8 (int8 weight) or linear_int4 (uint8 weight) take."""
     weights, scales, group_sizes = zip(*linears)
-    out = torch.ops.llama_kernels.decode_block(
-        x.reshape(bsz, dim).contiguous(), attention_norm, ffn_norm, eps, rope.reshape(rope.shape[0], -1, 2),
-        positions.reshape(-1), cache_k, cache_v, n_heads, list(weights), list(scales), list(group_sizes))
-    return out.view(bsz, 1, dim)
+    return torch.ops.llama_kernels.decode_block(
+        x.contiguous(), attention_norm, ffn_norm, eps, rope.contiguous(), positions.contiguous(), cache_k, cache_v,
+        n_heads, list(weights), list(scales), list(group_sizes))
 
 
 def dequantize_int4(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:

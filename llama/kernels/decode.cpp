@@ -21,7 +21,7 @@
 // rows are in the call, so a verify pass of k tokens gives the logits of k single-token steps.
 //
 // And decode_attention: one new position per row against the KV cache; decode_block: a whole transformer
-// block for one new position per row (at the end of this file).
+// block for a few new positions per row (at the end of this file).
 
 #include <immintrin.h>
 
@@ -487,19 +487,21 @@ inline float dot(const float* q, const float* k, int64_t hd) {
   return horizontal_sum(acc);
 }
 
-// Attention of q (B, H, hd) contiguous over each row's first lengths[b] positions of keys and values
-// (B', Hkv, S, hd), B' >= B, where row_mask (1 or B rows of S, or null: all) is true; into out (B, H, hd).
-void attend(const float* qp, int64_t B, int64_t H, int64_t hd, const at::Tensor& keys, const at::Tensor& values,
-            const std::vector<int64_t>& lengths, const bool* mp, int64_t mask_rows, float* op) {
+// Attention of the queries q (M, H, hd) contiguous, T per cache row (query i reads row i / T), each over
+// its first lengths[i] positions of keys and values (B', Hkv, S, hd), B' >= M / T, where row_mask (1 or
+// M rows of S, or null: all) is true; into out (M, H, hd).
+void attend(const float* qp, int64_t M, int64_t T, int64_t H, int64_t hd, const at::Tensor& keys,
+            const at::Tensor& values, const std::vector<int64_t>& lengths, const bool* mp, int64_t mask_rows,
+            float* op) {
   const int64_t Hkv = keys.size(1), S = keys.size(2);
   const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(S + LANES);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / H, h = task % H, g = h / (H / Hkv), length = lengths[b];
-      const bool* row_mask = mp ? mp + (mask_rows == 1 ? 0 : b) * S : nullptr;
+      const int64_t i = task / H, b = i / T, h = task % H, g = h / (H / Hkv), length = lengths[i];
+      const bool* row_mask = mp ? mp + (mask_rows == 1 ? 0 : i) * S : nullptr;
       const float* qh = qp + task * hd;
       const float* K = kp + b * keys.stride(0) + g * keys.stride(1);
       const float* V = vp + b * values.stride(0) + g * values.stride(1);
@@ -567,21 +569,25 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
     while (lengths[b] > 0 && !row_mask[lengths[b] - 1]) --lengths[b];
   }
   at::Tensor out = at::empty({B, H, hd}, q.options());
-  attend(q.data_ptr<float>(), B, H, hd, keys, values, lengths, mp, mask_rows, out.data_ptr<float>());
+  attend(q.data_ptr<float>(), B, 1, H, hd, keys, values, lengths, mp, mask_rows, out.data_ptr<float>());
   return out;
 }
 
-// ---- a whole transformer block for one new token per row (decode steps at model-parallel size 1) ----
+// ---- a whole transformer block for a few new tokens per row (decode steps, speculative verify passes) ----
 //
-// What llama.model.TransformerBlock computes for x (B, 1, D), in one call instead of some twenty
-// PyTorch operations (a batch-1 step's time went as much to dispatching those as to the products):
+// What llama.model.TransformerBlock computes for x (B, T, D), B * T <= 16 tokens, at model-parallel size 1,
+// in one call instead of some twenty PyTorch operations (a batch-1 step spent as long dispatching those
+// as multiplying its weights):
 //
-//   h = x + wo(attention(rope(q), cache with rope(k), v written at each row's position))
+//   h = x + wo(attention(rope(q), cache with rope(k), v written at the tokens' positions))
 //       where q, k, v = split(wqkv(rms_norm(x) * attention_norm))
 //   out = h + w2(silu(gate) * up),  gate, up = chunk(w13(rms_norm(h) * ffn_norm))
 //
-// Each row attends to its cache positions 0..positions[b] (causal decoding). The linears are given as
-// (weight, scales or None, group size): fp32, int8 or int4 (kernel layout) weights, as linear_* take them.
+// Token t of row b is at position positions[b, t] and attends to its row's cache positions 0 .. that one
+// (causal decoding; every token's keys and values are written first). A token's result does not depend
+// on the other tokens of the call: a verify pass of k tokens gives the outputs of k single-token steps.
+// The linears are given as (weight, scales or None, group size): fp32, int8 or int4 (kernel layout)
+// weights, as linear_* take them.
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
                   int64_t group_size) {
@@ -590,17 +596,17 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::opti
   return linear_int4(x, weight, *scales, group_size);
 }
 
-// out[b] = x[b] / sqrt(mean(x[b]²) + eps) * weight, over D columns
-void rms_norm(const float* x, int64_t B, int64_t D, const float* weight, double eps, float* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = x + b * D;
+// out[m] = x[m] / sqrt(mean(x[m]²) + eps) * weight, over D columns
+void rms_norm(const float* x, int64_t M, int64_t D, const float* weight, double eps, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * D;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += LANES) {
       const __m256 v = _mm256_loadu_ps(row + d);
       acc = _mm256_fmadd_ps(v, v, acc);
     }
     const float inverse = 1.0f / std::sqrt(horizontal_sum(acc) / static_cast<float>(D) + static_cast<float>(eps));
-    for (int64_t d = 0; d < D; ++d) out[b * D + d] = row[d] * inverse * weight[d];
+    for (int64_t d = 0; d < D; ++d) out[m * D + d] = row[d] * inverse * weight[d];
   }
 }
 
@@ -618,84 +624,83 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attention_norm, c
                         const at::Tensor& rope, const at::Tensor& positions, at::Tensor& cache_k, at::Tensor& cache_v,
                         int64_t n_heads, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                         at::IntArrayRef group_sizes) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (B, D)");
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (B, T, D)");
   check_cache(cache_k, cache_v);
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "the KV cache must be contiguous (B, Hkv, S, hd)");
   TORCH_CHECK(weights.size() == 4 && scales.size() == 4 && group_sizes.size() == 4,
               "weights, scales and group_sizes are for wqkv, wo, w13, w2");
-  const int64_t B = x.size(0), D = x.size(1), Hkv = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
+  const int64_t B = x.size(0), T = x.size(1), M = B * T, D = x.size(2);
+  const int64_t Hkv = cache_k.size(1), S = cache_k.size(2), hd = cache_k.size(3);
   const int64_t q_width = n_heads * hd, kv_width = Hkv * hd;
   TORCH_CHECK(cache_k.size(0) >= B && n_heads % Hkv == 0 && hd % LANES == 0 && D % LANES == 0,
-              "x (B, D), n_heads and the cache (B, Hkv, S, hd) disagree");
+              "x (B, T, D), n_heads and the cache (B, Hkv, S, hd) disagree");
   TORCH_CHECK(attention_norm.numel() == D && ffn_norm.numel() == D && attention_norm.scalar_type() == at::kFloat &&
                   ffn_norm.scalar_type() == at::kFloat && attention_norm.is_contiguous() && ffn_norm.is_contiguous(),
               "the norms' weights must be contiguous fp32 (D,)");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 &&
-                  (positions.size(0) == 1 || positions.size(0) == B),
-              "positions must be long (1 or B,)");
-  TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.dim() == 3 &&
-                  rope.size(0) == positions.size(0) && rope.size(1) == hd / 2 && rope.size(2) == 2,
-              "rope must be contiguous fp32 (1 or B, hd/2, 2): cos and sin at the positions");
-  const int64_t* pos = positions.data_ptr<int64_t>();
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.is_contiguous() &&
+                  (positions.size(0) == 1 || positions.size(0) == B) && positions.size(1) == T,
+              "positions must be contiguous long (1 or B, T)");
+  TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.dim() == 4 &&
+                  rope.size(0) == positions.size(0) && rope.size(1) == T && rope.size(2) == hd / 2 && rope.size(3) == 2,
+              "rope must be contiguous fp32 (1 or B, T, hd/2, 2): cos and sin at the positions");
+  // Token i = (row b, t): its position and its row of positions and rope (shared by every row, or its own).
   const bool shared = positions.size(0) == 1;
-  std::vector<int64_t> lengths(B);
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t p = pos[shared ? 0 : b];
+  auto own = [&](int64_t i) { return shared ? i % T : i; };
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  std::vector<int64_t> lengths(M);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t p = pos[own(i)];
     TORCH_CHECK(p >= 0 && p < S, "position ", p, " is outside the cache's ", S, " positions");
-    lengths[b] = p + 1;
+    lengths[i] = p + 1;
   }
-  auto layer = [&](int i, const at::Tensor& in) {
-    return linear(in, weights[i], scales.get(i), group_sizes[i]);
-  };
+  auto layer = [&](int i, const at::Tensor& in) { return linear(in, weights[i], scales.get(i), group_sizes[i]); };
 
   // Attention
-  at::Tensor normed = at::empty({B, D}, x.options());
-  rms_norm(x.data_ptr<float>(), B, D, attention_norm.data_ptr<float>(), eps, normed.data_ptr<float>());
-  at::Tensor qkv = layer(0, normed);  // (B, q_width + 2 kv_width)
+  at::Tensor normed = at::empty({M, D}, x.options());
+  rms_norm(x.data_ptr<float>(), M, D, attention_norm.data_ptr<float>(), eps, normed.data_ptr<float>());
+  at::Tensor qkv = layer(0, normed);  // (M, q_width + 2 kv_width)
   TORCH_CHECK(qkv.size(1) == q_width + 2 * kv_width, "wqkv has ", qkv.size(1), " outputs, expected ",
               q_width + 2 * kv_width);
-  at::Tensor q = at::empty({B, n_heads, hd}, x.options());
-  for (int64_t b = 0; b < B; ++b) {
-    float* row = qkv.data_ptr<float>() + b * qkv.size(1);
-    const float* table = rope.data_ptr<float>() + (shared ? 0 : b) * hd;
-    rotate(row, n_heads + Hkv, hd, table);  // q's heads, then k's
-    std::memcpy(q.data_ptr<float>() + b * q_width, row, q_width * sizeof(float));
-    const int64_t p = pos[shared ? 0 : b];
+  at::Tensor q = at::empty({M, n_heads, hd}, x.options());
+  for (int64_t i = 0; i < M; ++i) {
+    float* row = qkv.data_ptr<float>() + i * qkv.size(1);
+    rotate(row, n_heads + Hkv, hd, rope.data_ptr<float>() + own(i) * hd);  // q's heads, then k's
+    std::memcpy(q.data_ptr<float>() + i * q_width, row, q_width * sizeof(float));
     for (int64_t g = 0; g < Hkv; ++g) {
-      const int64_t at_position = ((b * Hkv + g) * S + p) * hd;
+      const int64_t at_position = (((i / T) * Hkv + g) * S + pos[own(i)]) * hd;
       std::memcpy(cache_k.data_ptr<float>() + at_position, row + q_width + g * hd, hd * sizeof(float));
       std::memcpy(cache_v.data_ptr<float>() + at_position, row + q_width + kv_width + g * hd, hd * sizeof(float));
     }
   }
-  at::Tensor attended = at::empty({B, q_width}, x.options());
-  attend(q.data_ptr<float>(), B, n_heads, hd, cache_k, cache_v, lengths, nullptr, 0, attended.data_ptr<float>());
-  at::Tensor h = layer(1, attended);  // (B, D)
+  at::Tensor attended = at::empty({M, q_width}, x.options());
+  attend(q.data_ptr<float>(), M, T, n_heads, hd, cache_k, cache_v, lengths, nullptr, 0, attended.data_ptr<float>());
+  at::Tensor h = layer(1, attended);  // (M, D)
   TORCH_CHECK(h.size(1) == D, "wo has ", h.size(1), " outputs, expected ", D);
   float* hp = h.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < B * D; ++i) hp[i] += xp[i];
+  for (int64_t j = 0; j < M * D; ++j) hp[j] += xp[j];
 
   // Feed-forward (SwiGLU)
-  rms_norm(hp, B, D, ffn_norm.data_ptr<float>(), eps, normed.data_ptr<float>());
-  at::Tensor gate_up = layer(2, normed);  // (B, 2F)
+  rms_norm(hp, M, D, ffn_norm.data_ptr<float>(), eps, normed.data_ptr<float>());
+  at::Tensor gate_up = layer(2, normed);  // (M, 2F)
   const int64_t F = gate_up.size(1) / 2;
   TORCH_CHECK(F % LANES == 0, "w13's width must be a multiple of ", 2 * LANES);
-  at::Tensor gated = at::empty({B, F}, x.options());
-  for (int64_t b = 0; b < B; ++b) {
-    const float* gate = gate_up.data_ptr<float>() + b * 2 * F;
+  at::Tensor gated = at::empty({M, F}, x.options());
+  for (int64_t i = 0; i < M; ++i) {
+    const float* gate = gate_up.data_ptr<float>() + i * 2 * F;
     const float* up = gate + F;
-    float* out = gated.data_ptr<float>() + b * F;
+    float* out = gated.data_ptr<float>() + i * F;
     for (int64_t f = 0; f < F; f += LANES) {  // silu(g) * u = g * u / (1 + e^-g)
       const __m256 g = _mm256_loadu_ps(gate + f);
       const __m256 denominator = _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g)));
       _mm256_storeu_ps(out + f, _mm256_div_ps(_mm256_mul_ps(g, _mm256_loadu_ps(up + f)), denominator));
     }
   }
-  at::Tensor out = layer(3, gated);  // (B, D)
+  at::Tensor out = layer(3, gated);  // (M, D)
   TORCH_CHECK(out.size(1) == D, "w2 has ", out.size(1), " outputs, expected ", D);
   float* op = out.data_ptr<float>();
-  for (int64_t i = 0; i < B * D; ++i) op[i] += hp[i];
-  return out;
+  for (int64_t j = 0; j < M * D; ++j) op[j] += hp[j];
+  return out.view({B, T, D});
 }
 
 }  // namespace
