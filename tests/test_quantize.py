@@ -399,7 +399,11 @@ def test_build_loads_a_quantized_checkpoint(tmp_path, tiny_checkpoints, llama3_t
     assert isinstance(loaded.model.layers[0].feed_forward.w1, Int8Linear)
     tokens = torch.tensor([[128000, 791, 6864, 315, 9822, 374]])
     with torch.no_grad():
-        assert torch.equal(loaded.model(tokens, 0), at_load.model(tokens, 0))
+        # The same weights; quantized at load time the projections are fused (wqkv, w13) and a pass of a few
+        # tokens takes `llama.kernels.decode_block`, the loaded checkpoint keeps Meta's separate linears and
+        # runs the PyTorch block: the same arithmetic up to rounding order.
+        expected = at_load.model(tokens, 0)
+        torch.testing.assert_close(loaded.model(tokens, 0), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     with pytest.raises(ValueError, match="already quantized"):
         Llama.build(tmp_path / "int8", llama3_tokenizer_path, 32, 2, quantize="int4")
     with pytest.raises(ValueError, match="cannot be resharded"):
