@@ -375,7 +375,7 @@ class TransformerBlock(nn.Module):
     def kernel_linears(self, x: torch.Tensor) -> Optional[list]:
         """The operands of wqkv, wo, w13 and w2 for `llama.kernels.decode_block`, or None where it does not
         apply: not on the CPU kernels (fp32, no autograd), projections not fused, model-parallel size > 1
-        (the block sums wo's and w2's outputs over ranks), or a layer that is none of the kernels' kinds."""
+        (the kernel has no all-reduce for wo's and w2's partial sums), or a layer that is none of the kernels' kinds."""
         attn, ffn = self.attention, self.feed_forward
         if (attn.wqkv is None or ffn.w13 is None or fs_init.get_model_parallel_world_size() != 1
                 or self.attention_norm.weight.dtype != torch.float32 or attn.cache.k.dtype != torch.float32
@@ -391,9 +391,10 @@ class TransformerBlock(nn.Module):
 
     # Compiled (a decode step that does not take `kernels.decode_block`: on a GPU, in bf16, under
     # torchrun), these two halves of a block are traced and compiled once each and that code runs for
-    # every layer: the first compilation takes seconds instead of the minutes of 30 layers. The KV cache is written between them, outside the regions: a region that mutated its inputs
-    # would work on copies of the cache rows and copy them back, every layer of every step. In eager
-    # mode the decorators do nothing.
+    # every layer: the first compilation takes seconds instead of the minutes of 30 layers. The KV cache
+    # is written between them, outside the regions: a region that mutated its inputs would work on
+    # copies of the cache rows and copy them back, every layer of every step. In eager mode the
+    # decorators do nothing.
     @torch.compiler.nested_compile_region
     def attention_inputs(self, x, rope):
         return self.attention.project(self.attention_norm(x), rope)
