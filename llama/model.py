@@ -374,12 +374,12 @@ class TransformerBlock(nn.Module):
 
     def kernel_linears(self, x: torch.Tensor) -> Optional[list]:
         """The operands of wqkv, wo, w13 and w2 for `llama.kernels.decode_block`, or None where it does not
-        apply: not on the CPU kernels (fp32, no autograd), projections not fused, model-parallel size > 1
-        (the kernel has no all-reduce for wo's and w2's partial sums), or a layer that is none of the kernels' kinds."""
+        apply: x not for the CPU kernels (fp32 activations, so an fp32 model and cache, no autograd, at most
+        MAX_ROWS tokens), projections not fused, model-parallel size > 1 (the kernel has no all-reduce for
+        wo's and w2's partial sums), or a layer that is none of the kernels' kinds."""
         attn, ffn = self.attention, self.feed_forward
         if (attn.wqkv is None or ffn.w13 is None or fs_init.get_model_parallel_world_size() != 1
-                or self.attention_norm.weight.dtype != torch.float32 or attn.cache.k.dtype != torch.float32
-                or not kernels.usable(x, x.shape[-1], multiple=kernels.BLOCK)):  # (at most MAX_ROWS tokens)
+                or not kernels.usable(x, x.shape[-1], multiple=kernels.BLOCK)):
             return None
         linears = []
         for layer in (attn.wqkv, attn.wo, ffn.w13, ffn.w2):

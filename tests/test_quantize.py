@@ -403,7 +403,8 @@ def test_build_loads_a_quantized_checkpoint(tmp_path, tiny_checkpoints, llama3_t
         # tokens takes `llama.kernels.decode_block`, the loaded checkpoint keeps Meta's separate linears and
         # runs the PyTorch block: the same arithmetic up to rounding order.
         expected = at_load.model(tokens, 0)
-        torch.testing.assert_close(loaded.model(tokens, 0), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        torch.testing.assert_close(loaded.model(tokens, 0), expected, rtol=1e-4,
+                                   atol=1e-4 * expected.abs().max().item())
     with pytest.raises(ValueError, match="already quantized"):
         Llama.build(tmp_path / "int8", llama3_tokenizer_path, 32, 2, quantize="int4")
     with pytest.raises(ValueError, match="cannot be resharded"):

@@ -18,9 +18,9 @@ visible positions (a compiled step passes the whole cache with a mask; PyTorch w
     decode_attention(q, keys, values, mask)  q (B, H, 1, hd), keys/values (B, Hkv, S, hd) -> (B, H, 1, hd)
 
 and a whole transformer block for a few new positions per row (decode steps, speculative verify
-passes), `decode_block`: what `llama.model.TransformerBlock` computes, its KV cache written and read, in
-one call (at model-parallel size 1, where a batch-1 step spent as long dispatching the block's twenty-odd PyTorch operations as
-multiplying its weights).
+passes), `decode_block`: what `llama.model.TransformerBlock` computes, its KV cache written and read,
+in one call (at model-parallel size 1, where a batch-1 step spent as long dispatching the block's
+twenty-odd PyTorch operations as multiplying its weights).
 
 int8 weights meet the activations quantized to int16 and int4 weights to int8, in blocks of 32
 columns (integer dot products). `usable(x)` says whether a call with these activations should take them: x86-64 with AVX2 and

@@ -624,7 +624,8 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attention_norm, c
                         const at::Tensor& rope, const at::Tensor& positions, at::Tensor& cache_k, at::Tensor& cache_v,
                         int64_t n_heads, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& scales,
                         at::IntArrayRef group_sizes) {
-  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (B, T, D)");
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be contiguous fp32 (B, T, D)");
   check_cache(cache_k, cache_v);
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "the KV cache must be contiguous (B, Hkv, S, hd)");
   TORCH_CHECK(weights.size() == 4 && scales.size() == 4 && group_sizes.size() == 4,
