@@ -8,7 +8,8 @@ so each call streams its weight from memory as a decode step does. In one proces
 calls after a warm-up, for each weight format, PyTorch's kernel against `llama.kernels`:
 
   fp32   F.linear (MKL's sgemv/sgemm: what eager PyTorch and transformers run)  vs  linear_f32
-  int8   aten._weight_int8pack_mm, bf16 activations (its fast path)            vs  linear_int8
+  int8   aten._weight_int8pack_mm, bf16 activations (its fast path; a scale per row: it takes only
+         the first of each row's)                                          vs  linear_int8, groups of 32
   int4   aten._weight_int4pack_mm_for_cpu, groups of 32, bf16 activations      vs  linear_int4
 
 and, for reference, a plain `sum()` over a 256 MiB fp32 tensor: the memory's read bandwidth.
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from bench.meters import machine_info
 from llama import kernels
-from llama.quantize.kernels import quantize_int4_groups, quantize_int8_rows, unpack_nibbles
+from llama.quantize.kernels import INT8_GROUP_SIZE, quantize_int4_groups, quantize_int8_groups, unpack_nibbles
 
 SHAPES = {  # name: (out_features N, in_features K) of SmolLM2-135M's weights, as loaded (fused)
     "wqkv": (960, 576),
@@ -51,16 +52,16 @@ def seconds_per_call(fn, runs: int = 5) -> float:
 
 def formats(weights: list) -> dict:
     """Per format: (bytes per weight, PyTorch's call, ours) over every copy, each a function of x."""
-    int8 = [quantize_int8_rows(w) for w in weights]
+    int8 = [quantize_int8_groups(w, INT8_GROUP_SIZE) for w in weights]  # the library's int8
     int4 = [quantize_int4_groups(w, GROUP_SIZE) for w in weights]  # (nibbles, (G, N, 2) bf16)
     tinygemm = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(q).int(), 1) for q, _ in int4]
     blocks = [(kernels.pack_int4_blocks(unpack_nibbles(q)), kernels.pack_int4_scales(sz)) for q, sz in int4]
     return {
         "fp32": (4, lambda x: [F.linear(x, w) for w in weights],
                  lambda x: [kernels.linear_f32(x, w) for w in weights]),
-        "int8": (1 + 2 / weights[0].shape[1],
-                 lambda x: [torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s) for q, s in int8],
-                 lambda x: [kernels.linear_int8(x, q, s) for q, s in int8]),
+        "int8": (1 + 2 / INT8_GROUP_SIZE,
+                 lambda x: [torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s[:, 0]) for q, s in int8],
+                 lambda x: [kernels.linear_int8(x, q, s, INT8_GROUP_SIZE) for q, s in int8]),
         "int4": (0.5 + 4 / GROUP_SIZE,
                  lambda x: [torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), q, GROUP_SIZE, sz)
                             for q, (_, sz) in zip(tinygemm, int4)],

@@ -76,7 +76,9 @@ def test_offline_gptq_checkpoint_is_closer_to_fp32(tmp_path, tiny_checkpoints, l
             logits[name] = llama.model(tokens, 0)
     gptq_error = (logits["gptq"] - logits["fp32"]).pow(2).mean().item()
     nearest_error = (logits["nearest"] - logits["fp32"]).pow(2).mean().item()
-    assert gptq_error < 0.8 * nearest_error, (gptq_error, nearest_error)
+    # Both a scale per group of 32 columns, which leaves rounding less to gain than one per row did
+    # (measured: 0.88 of nearest rounding's error here).
+    assert gptq_error < 0.95 * nearest_error, (gptq_error, nearest_error)
 
 
 def test_offline_gptq_refuses_what_it_cannot_calibrate(tmp_path, tiny_checkpoints, llama3_tokenizer_path):

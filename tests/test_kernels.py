@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from llama import kernels
 from llama.model import ModelArgs, Transformer
 from llama.parallel import make_compilable
-from llama.quantize.kernels import dequantize_int4, quantize_int4_groups, quantize_int8_rows, unpack_nibbles
+from llama.quantize.kernels import (dequantize_int4, quantize_int4_groups, quantize_int8_groups, quantize_int8_rows,
+                                    unpack_nibbles)
 from llama.quantize.transform import quantize_model
 from tests.conftest import TINY_PARAMS, random_state_dict
 
@@ -46,14 +47,21 @@ def test_fp32(rows, n, k):
     assert_close(kernels.linear_f32(x, w), x.double() @ w.double().T, 1e-6)
 
 
+@pytest.mark.parametrize("group_size", [0, 32, 64])  # 0: a scale per row
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_int8(rows, n, k):
-    torch.manual_seed(rows * n + 1)
+def test_int8(rows, n, k, group_size):
+    if group_size and k % group_size:
+        pytest.skip(f"{group_size} does not divide {k}")
+    torch.manual_seed(rows * n + group_size + 1)
     x, w = torch.randn(rows, k), torch.randn(n, k)
-    q, scales = quantize_int8_rows(w)
-    dequantized = q.double() * scales.double()[:, None]
-    out = kernels.linear_int8(x, q, scales)
+    if group_size == 0:
+        q, scales = quantize_int8_rows(w)
+        dequantized = q.double() * scales.double()[:, None]
+    else:
+        q, scales = quantize_int8_groups(w, group_size)  # (N, K), (N, K/group_size)
+        dequantized = (q.double().view(n, -1, group_size) * scales.double()[..., None]).view(n, k)
+    out = kernels.linear_int8(x, q, scales, group_size)
     assert_close(out, quantized_activations(x, 32767) @ dequantized.T, 1e-6)
     assert_close(out, x.double() @ dequantized.T, 1e-4)  # int16 activations cost almost nothing
 
@@ -93,16 +101,17 @@ def test_int4_block_layout_round_trips():
     assert torch.equal(kernels.unpack_int4_scales(tiled, 7), scales_and_zeros)
 
 
-@pytest.mark.parametrize("kind", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int8 per row", "int4"])
 def test_a_row_gets_the_same_result_whatever_rows_come_with_it(kind):
     """Bit for bit: a speculative verify pass of k positions computes the logits of k decode steps."""
     torch.manual_seed(3)
     x, w = torch.randn(9, 160), torch.randn(50, 160)  # 5 blocks of 32: two pairs and one alone
     if kind == "fp32":
         run = lambda rows: kernels.linear_f32(rows, w)  # noqa: E731
-    elif kind == "int8":
-        q, scales = quantize_int8_rows(w)
-        run = lambda rows: kernels.linear_int8(rows, q, scales)  # noqa: E731
+    elif kind.startswith("int8"):
+        group_size = 0 if kind == "int8 per row" else 32
+        q, scales = quantize_int8_rows(w) if group_size == 0 else quantize_int8_groups(w, group_size)
+        run = lambda rows: kernels.linear_int8(rows, q, scales, group_size)  # noqa: E731
     else:
         nibbles, sz = quantize_int4_groups(w, 32)
         packed, row_sz = kernels.pack_int4_blocks(unpack_nibbles(nibbles)), kernels.pack_int4_scales(sz)
@@ -284,8 +293,12 @@ def test_errors_name_the_wrong_argument():
         torch.ops.llama_kernels.linear_f32(torch.randn(2, 64).double(), torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="multiple of 8"):
         torch.ops.llama_kernels.linear_f32(torch.randn(2, 60), torch.randn(8, 60))
-    with pytest.raises(RuntimeError, match="scales must be bf16"):
-        torch.ops.llama_kernels.linear_int8(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8))
+    with pytest.raises(RuntimeError, match="scales must be contiguous bf16"):
+        torch.ops.llama_kernels.linear_int8(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8),
+                                            0)
+    with pytest.raises(RuntimeError, match="group_size must be 0"):
+        torch.ops.llama_kernels.linear_int8(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8),
+                                            torch.ones(8, 4).bfloat16(), 16)
     with pytest.raises(RuntimeError, match="mask must be contiguous bool"):
         torch.ops.llama_kernels.decode_attention(torch.randn(1, 2, 32), torch.randn(1, 1, 5, 32),
                                                  torch.randn(1, 1, 5, 32), torch.ones(1, 5))

@@ -4,7 +4,8 @@
 //
 //   out (M, N) fp32 = x (M, K) fp32 @ W (N, K)ᵀ, with W held as
 //     linear_f32:  fp32 (N, K)
-//     linear_int8: int8 (N, K) and a bf16 scale per row:        W[n, k] = q[n, k] * scale[n]
+//     linear_int8: int8 (N, K) and a bf16 scale per row, or per row and group of `group_size` columns
+//                  (llama.cpp's Q8_0 at 32):                     W[n, k] = q[n, k] * scale[n, k / group_size]
 //     linear_int4: 4-bit codes in blocks of 32 columns (N, K/2) and bf16 (scale, zero) per row and
 //                  group of `group_size` columns:                W[n, k] = (q[n, k] - 8) * scale + zero
 //                  byte j of a row's block b holds q[32b + j] (low nibble) and q[32b + 16 + j] (high),
@@ -204,10 +205,12 @@ inline __m256 dot_bytes(__m256i unsigned_bytes, __m256i signed_bytes) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// int8 weights, R rows from w (stride K), against one row of x in int16: out[r] = Σ_k q_w q_x s_x (times the
-// weight's row scale, applied by the caller).
+// int8 weights, R rows from w (stride K), against one row of x in int16: out[r] = Σ_k q_w q_x s_x times the
+// weight's scales: those of its groups of columns where group_scales is given (R rows of K / group_size
+// bf16 scales, each group blocks_per_group blocks of 32), else the row's, which the caller applies.
 template <int R>
-inline void dot_int8_tile(const int8_t* w, const QuantizedRows<int16_t>& x, int64_t m, int64_t K, float* out) {
+inline void dot_int8_tile(const int8_t* w, const uint16_t* group_scales, int64_t blocks_per_group,
+                          const QuantizedRows<int16_t>& x, int64_t m, int64_t K, float* out) {
   const int16_t* xq = x.q.data() + m * K;
   const float* xs = x.scale.data() + m * K / BLOCK;
   __m256 acc[R];
@@ -217,13 +220,15 @@ inline void dot_int8_tile(const int8_t* w, const QuantizedRows<int16_t>& x, int6
     const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK + 16));
     const __m256 s = _mm256_set1_ps(xs[b]);
     for (int r = 0; r < R; ++r) {
+      const __m256 scale = group_scales == nullptr ? s : _mm256_mul_ps(s, _mm256_set1_ps(bf16_to_float(
+          group_scales[r * (K / BLOCK / blocks_per_group) + b / blocks_per_group])));
       const int8_t* bytes = w + r * K + b * BLOCK;
       _mm_prefetch(reinterpret_cast<const char*>(bytes + TILES_AHEAD * ROWS * K), _MM_HINT_T0);
       const __m256i w_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
       const __m256i w_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
       // |products| <= 127 * 32767 and 4 of them per int32 lane: no overflow
       const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(w_lo, x_lo), _mm256_madd_epi16(w_hi, x_hi));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), s, acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]);
@@ -366,19 +371,24 @@ void each_row_of_x(int64_t rows, int64_t M, float* partial, TileFn tile) {
   for (int64_t m = 0; m < M; ++m) with_rows(rows, [&](auto R) { tile(R, m, partial + m * ROWS); });
 }
 
-at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales) {
+// group_size 0: a scale per row, scales (N,); else scales (N, K / group_size).
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group_size) {
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.size(1) == x.size(1), "weight must be int8 (N, K)");
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == weight.size(0) && scales.is_contiguous(),
-              "scales must be bf16 (N,)");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % BLOCK == 0, "in_features must be a multiple of ", BLOCK, ", got ", K);
+  TORCH_CHECK(group_size == 0 || (group_size % BLOCK == 0 && K % group_size == 0),
+              "group_size must be 0 (a scale per row) or a multiple of ", BLOCK, " dividing in_features");
+  const int64_t groups = group_size == 0 ? 1 : K / group_size;
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == weight.size(0) * groups && scales.is_contiguous(),
+              "scales must be contiguous bf16 (N,) or (N, K / group_size)");
   at::Tensor out = new_output(x, weight);
   const QuantizedRows<int16_t> xq = quantize_rows<int16_t>(x.data_ptr<float>(), M, K);
   const int8_t* wp = weight.data_ptr<int8_t>();
   const uint16_t* sp = static_cast<const uint16_t*>(scales.data_ptr());
   for_each_tile(out, [&](int64_t n, int64_t rows, float* partial) {
     each_row_of_x(rows, M, partial, [&](auto R, int64_t m, float* o) {
-      dot_int8_tile<decltype(R)::value>(wp + n * K, xq, m, K, o);
+      if (group_size != 0) return dot_int8_tile<decltype(R)::value>(wp + n * K, sp + n * groups, group_size / BLOCK, xq, m, K, o);
+      dot_int8_tile<decltype(R)::value>(wp + n * K, nullptr, 1, xq, m, K, o);
       for (int64_t r = 0; r < rows; ++r) o[r] *= bf16_to_float(sp[n + r]);
     });
   });
@@ -592,7 +602,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
                   int64_t group_size) {
   if (!scales.has_value()) return linear_f32(x, weight);
-  if (weight.scalar_type() == at::kChar) return linear_int8(x, weight, *scales);
+  if (weight.scalar_type() == at::kChar) return linear_int8(x, weight, *scales, group_size);
   return linear_int4(x, weight, *scales, group_size);
 }
 
@@ -708,7 +718,7 @@ at::Tensor decode_block(const at::Tensor& x, const at::Tensor& attention_norm, c
 
 TORCH_LIBRARY(llama_kernels, m) {
   m.def("linear_f32(Tensor x, Tensor weight) -> Tensor");
-  m.def("linear_int8(Tensor x, Tensor weight, Tensor scales) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor weight, Tensor scales, int group_size) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
   m.def("dequantize_int4(Tensor weight, Tensor scales_and_zeros, int group_size) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor? mask) -> Tensor");

@@ -21,7 +21,9 @@ from llama.checkpoint import (
 from llama.distributed import setup_model_parallel
 from llama.model import ModelArgs
 from llama.quantize.gptq import input_second_moments
-from llama.quantize.kernels import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, quantize_int4_groups, quantize_int8_rows
+from llama.quantize.kernels import (DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, INT8_GROUP_SIZE, quantize_int4_groups,
+                                    quantize_int8_groups, quantize_int8_rows)
+from llama.quantize.modules import Int8Linear
 from llama.quantize.transform import MODES, check_mode, linear_mode
 from llama.tokenizer import load_tokenizer
 
@@ -36,14 +38,21 @@ LINEAR_SUFFIXES = tuple(
 
 
 def read_quantization(params: dict) -> Optional[dict]:
-    """{"mode", "group_size"} from a params.json dict, or None for an unquantized checkpoint."""
+    """{"mode", "group_size", "int8_group_size"} from a params.json dict, or None for an unquantized
+    checkpoint. int8_group_size is None (one scale per row) where params.json has none: the int8
+    linears of checkpoints written before int8 had groups."""
     quantization = params.get("quantization")
     if quantization is None:
         return None
     if not isinstance(quantization, dict) or quantization.get("mode") not in MODES:
         raise ValueError(f"params.json: 'quantization' must be {{'mode': one of {MODES}, 'group_size': int}}, "
                          f"got {quantization!r}")
-    result = {"mode": quantization["mode"], "group_size": int(quantization.get("group_size", DEFAULT_GROUP_SIZE))}
+    int8_group_size = quantization.get("int8_group_size")
+    if int8_group_size is not None and (not isinstance(int8_group_size, int) or int8_group_size <= 0):
+        raise ValueError(f"params.json: quantization.int8_group_size must be a positive int or null, "
+                         f"got {int8_group_size!r}")
+    result = {"mode": quantization["mode"], "group_size": int(quantization.get("group_size", DEFAULT_GROUP_SIZE)),
+              "int8_group_size": int8_group_size}
     check_mode(result["mode"], result["group_size"])
     return result
 
@@ -51,11 +60,12 @@ def read_quantization(params: dict) -> Optional[dict]:
 @torch.no_grad()
 def quantize_state_dict(
     state: StateDict, mode: str, group_size: int = DEFAULT_GROUP_SIZE,
-    moments: Optional[Dict[str, torch.Tensor]] = None,
+    moments: Optional[Dict[str, torch.Tensor]] = None, int8_group_size: Optional[int] = INT8_GROUP_SIZE,
 ) -> StateDict:
     """One shard's tensors quantized as `quantize_model` quantizes the model that loads it.
 
     moments: int8 only: {module name: H} from `llama.quantize.gptq.input_second_moments`, for GPTQ's rounding.
+    int8_group_size: input columns per scale of the int8 linears (None: one per row).
     """
     check_mode(mode, group_size)
     moments = moments or {}
@@ -74,7 +84,13 @@ def quantize_state_dict(
                                  f"features of {name}; " + (f"use group_size={valid[-1]}" if valid else "use int8"))
             out[name], out[prefix + "scales_and_zeros"] = quantize_int4_groups(tensor, group_size)
         elif name.endswith(LINEAR_SUFFIXES):
-            out[name], out[prefix + "scales"] = quantize_int8_rows(tensor, moments.get(prefix[:-1]))
+            grouped = linear_mode(mode, prefix[:-1]) == "int8"  # LLM.int8's rows keep one scale each
+            int8_group = Int8Linear.group_size_for(tensor.shape[1], int8_group_size) if grouped else None
+            moment = moments.get(prefix[:-1])
+            if int8_group is None:
+                out[name], out[prefix + "scales"] = quantize_int8_rows(tensor, moment)
+            else:
+                out[name], out[prefix + "scales"] = quantize_int8_groups(tensor, int8_group, moment)
         else:
             out[name] = tensor.clone()  # norms: own storage, not a view of the source mapping
     return out
@@ -87,7 +103,7 @@ def quantize_checkpoint(
     """Writes a quantized copy of a Meta-format checkpoint, one shard at a time.
 
     Shards are written as consolidated.NN.pth (torch.save's format), whatever
-    the source's; params.json gains {"quantization": {"mode": ..., "group_size": ...}},
+    the source's; params.json gains {"quantization": {"mode": ..., "group_size": ..., "int8_group_size": ...}},
     which `read_quantization` reads back; the other files (tokenizer) are copied.
     With `calibration_text` (int8, one shard) the codes are chosen by GPTQ from
     the layers' inputs on that text, read with the checkpoint's tokenizer.model.
@@ -98,13 +114,15 @@ def quantize_checkpoint(
     check_mode(mode, group_size)
     if read_quantization(params) is not None:
         raise ValueError(f"{src} is quantized already ({params['quantization']}); quantize the original checkpoint")
-    moments = None
+    moments, int8_group_size = None, INT8_GROUP_SIZE
     if calibration_text is not None:
         moments = _calibration_moments(src, shards, params, mode, calibration_text)
     with directory_when_complete(dst) as tmp:
         for rank, shard in enumerate(shards):
-            torch.save(quantize_state_dict(load_shard(shard), mode, group_size, moments), tmp / shard_file_name(rank))
-        write_params(tmp, {**params, "quantization": {"mode": mode, "group_size": group_size}})
+            torch.save(quantize_state_dict(load_shard(shard), mode, group_size, moments, int8_group_size),
+                       tmp / shard_file_name(rank))
+        write_params(tmp, {**params, "quantization": {"mode": mode, "group_size": group_size,
+                                                      "int8_group_size": int8_group_size}})
         copy_side_files(src, tmp)
 
 

@@ -9,9 +9,12 @@ closest to the original:
 
     minimize ||X Wᵀ - X Qᵀ||²  over the int8 codes Q,  with  H = Xᵀ X  (K, K)
 
-The codes and scales have mode "int8"'s format (symmetric, one bf16 scale per
-output row), so a GPTQ-rounded layer runs on the same kernel and loads like
-any int8 checkpoint: only which codes are chosen differs.
+The codes and scales have mode "int8"'s format (symmetric, a bf16 scale per
+output row and group of input columns, or per row), so a GPTQ-rounded layer
+runs on the same kernel and loads like any int8 checkpoint: only which codes
+are chosen differs. The scales are set before rounding, from the weights
+(GPTQ's "static groups"), so they do not depend on the order columns are
+rounded in.
 """
 
 from typing import Dict
@@ -51,17 +54,18 @@ def input_second_moments(model: nn.Module, tokens: torch.Tensor) -> Dict[str, to
 def gptq_int8_rows(
     weight: torch.Tensor, scales: torch.Tensor, moment: torch.Tensor, *, damp: float = 0.01, block_size: int = 128
 ) -> torch.Tensor:
-    """The int8 codes q (N, K) of weight (N, K) ~= q * scales (N, 1), chosen with GPTQ's rounding.
+    """The int8 codes q (N, K) of weight (N, K) ~= q * its scale, chosen with GPTQ's rounding.
 
     Args:
-        scales: (N,) one per row, as `llama.quantize.kernels.quantize_int8_rows` sets them.
+        scales: (N,) one per row, or (N, K/group_size) one per row and group of columns, as
+            `llama.quantize.kernels.quantize_int8_rows` / `quantize_int8_groups` set them.
         moment: H = Σ x xᵀ (K, K) of the layer's calibration inputs.
         damp: added to H's diagonal, as a fraction of its mean, to keep H invertible.
         block_size: columns rounded before the rest are updated in one matrix product.
 
     """
     n, k = weight.shape
-    step = scales.float()  # (N,)
+    step = scales.float().reshape(n, -1)  # (N, G), G = 1 for a scale per row
 
     # Columns in order of decreasing input energy: the important ones are rounded
     # first, while the most columns remain to absorb their errors ("act order").
@@ -69,6 +73,7 @@ def gptq_int8_rows(
     order = torch.argsort(h.diagonal(), descending=True)
     h = h[order][:, order]
     w = weight.float()[:, order]  # (N, K), a copy (indexing copies), updated as columns are rounded
+    step = step.repeat_interleave(k // step.shape[1], dim=1)[:, order]  # (N, K): each column's scale
     dead = h.diagonal() == 0  # inputs that were always 0: their weights never matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -81,9 +86,9 @@ def gptq_int8_rows(
         end = min(start + block_size, k)
         errors = torch.empty(n, end - start, device=weight.device)  # (N, block)
         for i in range(start, end):
-            codes = (w[:, i] / step).round().clamp(-127, 127)  # (N,)
+            codes = (w[:, i] / step[:, i]).round().clamp(-127, 127)  # (N,)
             q[:, i] = codes.to(torch.int8)
-            error = (w[:, i] - codes * step) / spread[i, i]
+            error = (w[:, i] - codes * step[:, i]) / spread[i, i]
             w[:, i:end] -= error[:, None] * spread[i, i:end][None, :]
             errors[:, i - start] = error
         w[:, end:] -= errors @ spread[start:end, end:]  # the block's errors onto the later columns

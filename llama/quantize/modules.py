@@ -17,11 +17,13 @@ from llama.parallel import COLUMN_PARALLEL, DIM_PARALLEL, ROW_PARALLEL, VOCAB_PA
 from llama.quantize.kernels import (
     DEFAULT_GROUP_SIZE,
     INT4_GROUP_SIZES,
+    INT8_GROUP_SIZE,
     dequantize_int4,
     int4pack_mm_cpu,
     int8_matmul,
     pack_nibbles,
     quantize_int4_groups,
+    quantize_int8_groups,
     quantize_int8_rows,
     unpack_nibbles,
 )
@@ -91,29 +93,56 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    """Weight-only int8: weight (N, K) int8, scales (N,) bf16; W ~= weight * scales[:, None]."""
+    """Weight-only int8: weight (N, K) int8 and bf16 scales, one per row, (N,) (group_size None), or one
+    per row and group of `group_size` input columns, (N, K/group_size): W ~= weight * its scale."""
 
-    def __init__(self, in_features: int, out_features: int, parallel: str, device=None, **parallel_args):
+    def __init__(self, in_features: int, out_features: int, parallel: str, device=None,
+                 group_size: Optional[int] = None, **parallel_args):
         super().__init__(in_features, out_features, parallel, **parallel_args)
+        if group_size is not None and in_features % group_size != 0:
+            raise ValueError(f"int8 group_size={group_size} does not divide in_features={in_features}")
+        self.group_size = group_size
+        scales_shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16, device=device))
+        self.register_buffer("scales", torch.empty(scales_shape, dtype=torch.bfloat16, device=device))
+
+    @staticmethod
+    def group_size_for(in_features: int, group_size: Optional[int] = INT8_GROUP_SIZE) -> Optional[int]:
+        """The group size a layer of this width takes: one scale per row where group_size does not divide it."""
+        return group_size if group_size is not None and in_features % group_size == 0 else None
 
     @classmethod
-    def from_float(cls, linear: nn.Module, moment: Optional[torch.Tensor] = None) -> "Int8Linear":
-        """moment: H = Σ x xᵀ of calibration inputs, for GPTQ's rounding (`gptq.py`); None rounds to nearest."""
-        module = cls(**cls.layout_of(linear), device=linear.weight.device)
-        module.weight, module.scales = quantize_int8_rows(linear.weight.detach(), moment)
+    def from_float(cls, linear: nn.Module, moment: Optional[torch.Tensor] = None,
+                   group_size: Optional[int] = INT8_GROUP_SIZE) -> "Int8Linear":
+        """A scale per row and group of `group_size` input columns (None, or a group size that does
+        not divide the width: per row). moment: H = Σ x xᵀ of calibration inputs, for GPTQ's rounding
+        (`gptq.py`); None rounds to nearest."""
+        weight = linear.weight.detach()
+        group_size = cls.group_size_for(weight.shape[1], group_size)
+        module = cls(**cls.layout_of(linear), device=weight.device, group_size=group_size)
+        if group_size is None:
+            module.weight, module.scales = quantize_int8_rows(weight, moment)
+        else:
+            module.weight, module.scales = quantize_int8_groups(weight, group_size, moment)
         return module
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float()[:, None]  # (N, K)
+        if self.group_size is None:
+            return self.weight.float() * self.scales.float()[:, None]  # (N, K)
+        n, k = self.weight.shape
+        groups = self.weight.float().view(n, k // self.group_size, self.group_size)  # (N, G, g)
+        return (groups * self.scales.float()[..., None]).view(n, k)
 
     def kernel_operands(self) -> Optional[tuple]:
-        return (self.weight, self.scales, 0) if self.in_features % kernels.BLOCK == 0 else None
+        if self.in_features % kernels.BLOCK != 0 or (self.group_size or 0) % kernels.BLOCK != 0:
+            return None
+        return self.weight, self.scales, self.group_size or 0
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.usable(x, self.in_features, multiple=kernels.BLOCK):
-            return kernels.linear_int8(x, self.weight, self.scales)
+        if self.kernel_operands() is not None and kernels.usable(x, self.in_features, multiple=kernels.BLOCK):
+            return kernels.linear_int8(x, self.weight, self.scales, self.group_size or 0)
+        if self.group_size is not None:
+            return F.linear(x, self.dequantize().to(x.dtype))  # prefills (many rows): one GEMM
         if x.device.type == "cpu" and _has_aten("_weight_int8pack_mm"):
             # The CPU kernel streams int8 weights fast only for bf16 activations (~12x slower for fp32).
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (B*T, K)
@@ -132,6 +161,10 @@ class LLMInt8Linear(Int8Linear):
     """
 
     threshold = LLM_INT8_THRESHOLD
+
+    @classmethod
+    def from_float(cls, linear: nn.Module) -> "LLMInt8Linear":
+        return super().from_float(linear, group_size=None)  # its product rescales whole rows
 
     def kernel_operands(self) -> Optional[tuple]:
         return None  # its own product (outlier columns in fp32), not the kernels' int8 one

@@ -9,7 +9,7 @@ from llama.checkpoint import SkeletonTransform
 from llama.model import Transformer
 from llama.parallel import COLUMN_PARALLEL, DIM_PARALLEL, ROW_PARALLEL, VOCAB_PARALLEL
 from llama.quantize.gptq import input_second_moments
-from llama.quantize.kernels import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES
+from llama.quantize.kernels import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, INT8_GROUP_SIZE
 from llama.quantize.modules import (
     BitsAndBytesLinear,
     Int4Linear,
@@ -109,12 +109,14 @@ def quantize_model(
     return model
 
 
-def quantize_skeleton(model: Transformer, mode: str, *, group_size: int = DEFAULT_GROUP_SIZE) -> Transformer:
+def quantize_skeleton(model: Transformer, mode: str, *, group_size: int = DEFAULT_GROUP_SIZE,
+                      int8_group_size: Optional[int] = INT8_GROUP_SIZE) -> Transformer:
     """Swaps in empty quantized modules (on the model's device, typically meta), in place.
 
     Then `model.load_state_dict(quantized_state, strict=True, assign=True)`
     fills them from a checkpoint written by `quantize_checkpoint` with the same
-    mode and group size, without any fp32 weight being allocated.
+    mode and group sizes (int8_group_size: the int8 linears' scales, None: one per row),
+    without any fp32 weight being allocated.
     """
     check_mode(mode, group_size)
     linears, embeddings = _targets(model)
@@ -125,8 +127,10 @@ def quantize_skeleton(model: Transformer, mode: str, *, group_size: int = DEFAUL
         kind = linear_mode(mode, name)
         if kind == "int4":
             new = Int4Linear(**layout, group_size=group_size)
+        elif kind == "int8":
+            new = Int8Linear(**layout, group_size=Int8Linear.group_size_for(layout["in_features"], int8_group_size))
         else:
-            new = (Int8Linear if kind == "int8" else LLMInt8Linear)(**layout)
+            new = LLMInt8Linear(**layout)
         _swap(model, name, new)
     for name, embedding in embeddings.items():
         layout = Int8Embedding.layout_of(embedding)
@@ -137,7 +141,7 @@ def quantize_skeleton(model: Transformer, mode: str, *, group_size: int = DEFAUL
 def skeleton_transform(quantization: dict) -> SkeletonTransform:
     """What `llama.checkpoint.load_model` applies to load a shard written by `quantize_checkpoint`.
 
-    quantization: {"mode", "group_size"}, as `read_quantization` reads it from params.json.
+    quantization: {"mode", "group_size", "int8_group_size"}, as `read_quantization` reads it from params.json.
     The transform swaps empty quantized modules into the meta-device model
     (`quantize_skeleton`), so no fp32 weight is ever allocated, and keeps the
     linears' scales in the bf16 that the CPU kernels take (norms and embedding
@@ -145,7 +149,8 @@ def skeleton_transform(quantization: dict) -> SkeletonTransform:
     """
 
     def transform(model: Transformer) -> Set[str]:
-        quantize_skeleton(model, quantization["mode"], group_size=quantization["group_size"])
+        quantize_skeleton(model, quantization["mode"], group_size=quantization["group_size"],
+                          int8_group_size=quantization["int8_group_size"])
         return {  # the linears' floating buffers: scales, scales_and_zeros
             f"{module_name}.{name}" for module_name, module in model.named_modules()
             if isinstance(module, QuantizedLinear) for name, _ in module.named_buffers(recurse=False)
