@@ -797,8 +797,7 @@ def _load_transformer(ckpt_dir: Path, shards: List[Path], params: dict, tokenize
 
         transform = skeleton_transform(read_quantization({"quantization": quantization}))
     model = load_model(shards[fs_init.get_model_parallel_rank()], args, device, dtype, transform)
-    if quantization is None:  # float weights: one matmul for wq, wk, wv and one for w1, w3 in each layer
-        model.fuse_projections()
+    model.fuse_projections()  # one matmul for wq, wk, wv and one for w1, w3 in each layer
     return model, quantization
 
 

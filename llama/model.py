@@ -315,9 +315,15 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
 def fused_column_linear(linears: list) -> ColumnParallelLinear:
     """One column-parallel linear computing what `linears` (fairscale's, on the same input) compute,
     their outputs concatenated: its local weight is theirs stacked, so on every rank it holds that
-    rank's slice of each, and its output splits into theirs."""
-    if not all(type(linear) is ColumnParallelLinear for linear in linears):
-        raise TypeError("only fairscale's float ColumnParallelLinear layers fuse (fuse before quantizing)")
+    rank's slice of each, and its output splits into theirs. Quantized layers (a checkpoint quantized
+    offline) stack their own way (`stacked`, llama/quantize/modules.py)."""
+    kind = type(linears[0])
+    if any(type(linear) is not kind for linear in linears):
+        raise TypeError(f"only layers of one kind fuse, got {sorted({type(linear).__name__ for linear in linears})}")
+    if kind is not ColumnParallelLinear:
+        if not hasattr(kind, "stacked"):
+            raise TypeError(f"{kind.__name__} layers do not fuse")
+        return kind.stacked(linears)
     weight = torch.cat([linear.weight for linear in linears])  # (Σ local out features, in features)
     world_size = fs_init.get_model_parallel_world_size()
     # fairscale allocates an (uninitialized, untouched) CPU weight of this shape; it is replaced below.

@@ -88,6 +88,15 @@ class QuantizedLinear(nn.Module):
         """(weight, scales, group size) as `llama.kernels.decode_block` takes this layer, or None: not there."""
         return None
 
+    @staticmethod
+    def check_stackable(linears: list) -> None:
+        """Raises unless `linears` are column-parallel layers of one input whose local outputs concatenate."""
+        first = linears[0]
+        if any(linear.parallel != "column" or linear.gather_output or linear.in_features != first.in_features
+               or getattr(linear, "group_size", None) != getattr(first, "group_size", None) for linear in linears):
+            raise ValueError("only column-parallel layers of one input width and group size, outputs not "
+                             "gathered, stack into one")
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, parallel={self.parallel}"
 
@@ -124,6 +133,18 @@ class Int8Linear(QuantizedLinear):
             module.weight, module.scales = quantize_int8_rows(weight, moment)
         else:
             module.weight, module.scales = quantize_int8_groups(weight, group_size, moment)
+        return module
+
+    @classmethod
+    def stacked(cls, linears: list) -> "Int8Linear":
+        """One layer computing what the column-parallel `linears` compute, outputs concatenated: their weights
+        and scales stacked (`llama.model.fused_column_linear`; a row's scales belong to its row)."""
+        cls.check_stackable(linears)
+        first = linears[0]
+        module = cls(first.in_features, sum(linear.out_features for linear in linears), "column",
+                     device=first.weight.device, group_size=first.group_size)
+        module.weight = torch.cat([linear.weight for linear in linears])  # (Σ N, K)
+        module.scales = torch.cat([linear.scales for linear in linears])  # (Σ N,) or (Σ N, K/group_size)
         return module
 
     def dequantize(self) -> torch.Tensor:
@@ -215,6 +236,20 @@ class Int4Linear(QuantizedLinear):
     def from_float(cls, linear: nn.Module, group_size: int = DEFAULT_GROUP_SIZE) -> "Int4Linear":
         module = cls(**cls.layout_of(linear), group_size=group_size, device=linear.weight.device)
         module.weight, module.scales_and_zeros = quantize_int4_groups(linear.weight.detach(), group_size)
+        module._pack_for_cpu()
+        return module
+
+    @classmethod
+    def stacked(cls, linears: list) -> "Int4Linear":
+        """One layer computing what the column-parallel `linears` compute, outputs concatenated: their
+        portable codes and scales stacked, then packed for the CPU kernel where one runs."""
+        cls.check_stackable(linears)
+        first = linears[0]
+        module = cls(first.in_features, sum(linear.out_features for linear in linears), "column",
+                     group_size=first.group_size, device=first.weight.device)
+        module.weight = torch.cat([linear.portable_weight() for linear in linears])  # (Σ N, K/2)
+        module.scales_and_zeros = torch.cat([linear.portable_scales_and_zeros() for linear in linears],
+                                            dim=1)  # (K/group_size, Σ N, 2)
         module._pack_for_cpu()
         return module
 
