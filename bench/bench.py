@@ -218,7 +218,11 @@ def main(argv: Optional[List[str]] = None):
                 result = {"name": spec["name"], "kind": spec["kind"], "status": "unavailable", "decode": {},
                           "reason": "llama_models is not importable (pip install llama-models)"}
             else:
+                # The machine's bandwidth drifts within a run (shared hosts): each engine's bound is the mean
+                # of the bandwidth measured just before and just after it runs, not the one at the start.
+                before = measure_bandwidth(device)["bytes_per_s"]
                 result = run_worker(spec, Path(workdir))
+                result["bandwidth_bytes_per_s"] = (before + measure_bandwidth(device)["bytes_per_s"]) / 2
             if result["status"] != "ok":
                 log(f"[{spec['name']}] unavailable: {result['reason']}")
             result["dtype"] = spec["dtype"] if spec["kind"] != "llama.cpp" else "Q4_1 (GGUF as is)"

@@ -52,7 +52,11 @@ def render_markdown(report: dict) -> str:
         + (f", GPU {info['gpu']}" if info.get("gpu") else "")
         + f"; {settings['device']}, {settings['threads']} threads, torch {info['torch']}"
         + (f", transformers {info['transformers']}" if info.get("transformers") else "")
-        + f". Streamed bandwidth {bw / 1e9:.1f} GB/s ({bandwidth['method']}).",
+        + f". Streamed bandwidth {bw / 1e9:.1f} GB/s at the start ({bandwidth['method']})"
+        + (f"; {min(each) / 1e9:.1f}–{max(each) / 1e9:.1f} GB/s around the engines' runs (each engine's bound: the "
+           "mean of the bandwidth just before and just after it)"
+           if (each := [e["bandwidth_bytes_per_s"] for e in ok if e.get("bandwidth_bytes_per_s")]) else "")
+        + ".",
         f"Greedy, {n} new tokens per row (fixed: stop tokens do not end a run), "
         f"median of {settings['runs']} runs after {settings['warmup']} warm-up; default dtype {settings['dtype']}"
         + (" — quick run" if settings["quick"] else "") + ".",
@@ -68,7 +72,7 @@ def render_markdown(report: dict) -> str:
             r = decode(e, 1)
             if r is None:
                 continue
-            bound = bw / e["bytes_per_token"] if e.get("bytes_per_token") else None
+            bound = e.get("bandwidth_bytes_per_s", bw) / e["bytes_per_token"] if e.get("bytes_per_token") else None
             rows.append([
                 e["name"], e["dtype"], str(r["tokens_generated"]), f"{r['ttft_s'] * 1e3:.0f}",
                 _fmt(r["decode_tok_s"]), _ratio(r["decode_tok_s"], ref and ref["decode_tok_s"]),

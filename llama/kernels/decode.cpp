@@ -206,29 +206,34 @@ inline __m256 dot_bytes(__m256i unsigned_bytes, __m256i signed_bytes) {
 }
 
 // int8 weights, R rows from w (stride K), against one row of x in int16: out[r] = Σ_k q_w q_x s_x times the
-// weight's scales: those of its groups of columns where group_scales is given (R rows of K / group_size
-// bf16 scales, each group blocks_per_group blocks of 32), else the row's, which the caller applies.
-template <int R>
-inline void dot_int8_tile(const int8_t* w, const uint16_t* group_scales, int64_t blocks_per_group,
+// weight's scales. Grouped: those of its `groups` groups of columns, group_scales (R rows of `groups` bf16
+// scales); else the row's one scale, which the caller applies.
+template <int R, bool Grouped>
+inline void dot_int8_tile(const int8_t* w, const uint16_t* group_scales, int64_t groups,
                           const QuantizedRows<int16_t>& x, int64_t m, int64_t K, float* out) {
   const int16_t* xq = x.q.data() + m * K;
   const float* xs = x.scale.data() + m * K / BLOCK;
+  const int64_t blocks_per_group = K / BLOCK / groups;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < K / BLOCK; ++b) {
-    const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK));
-    const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK + 16));
-    const __m256 s = _mm256_set1_ps(xs[b]);
-    for (int r = 0; r < R; ++r) {
-      const __m256 scale = group_scales == nullptr ? s : _mm256_mul_ps(s, _mm256_set1_ps(bf16_to_float(
-          group_scales[r * (K / BLOCK / blocks_per_group) + b / blocks_per_group])));
-      const int8_t* bytes = w + r * K + b * BLOCK;
-      _mm_prefetch(reinterpret_cast<const char*>(bytes + TILES_AHEAD * ROWS * K), _MM_HINT_T0);
-      const __m256i w_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-      const __m256i w_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
-      // |products| <= 127 * 32767 and 4 of them per int32 lane: no overflow
-      const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(w_lo, x_lo), _mm256_madd_epi16(w_hi, x_hi));
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 w_scale[R];
+    if constexpr (Grouped)
+      for (int r = 0; r < R; ++r) w_scale[r] = _mm256_set1_ps(bf16_to_float(group_scales[r * groups + g]));
+    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+      const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK));
+      const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK + 16));
+      const __m256 s = _mm256_set1_ps(xs[b]);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* bytes = w + r * K + b * BLOCK;
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + TILES_AHEAD * ROWS * K), _MM_HINT_T0);
+        const __m256i w_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+        const __m256i w_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
+        // |products| <= 127 * 32767 and 4 of them per int32 lane: no overflow
+        const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(w_lo, x_lo), _mm256_madd_epi16(w_hi, x_hi));
+        const __m256 scale = Grouped ? _mm256_mul_ps(s, w_scale[r]) : s;
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]);
@@ -387,8 +392,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::
   const uint16_t* sp = static_cast<const uint16_t*>(scales.data_ptr());
   for_each_tile(out, [&](int64_t n, int64_t rows, float* partial) {
     each_row_of_x(rows, M, partial, [&](auto R, int64_t m, float* o) {
-      if (group_size != 0) return dot_int8_tile<decltype(R)::value>(wp + n * K, sp + n * groups, group_size / BLOCK, xq, m, K, o);
-      dot_int8_tile<decltype(R)::value>(wp + n * K, nullptr, 1, xq, m, K, o);
+      if (group_size != 0) return dot_int8_tile<decltype(R)::value, true>(wp + n * K, sp + n * groups, groups, xq, m, K, o);
+      dot_int8_tile<decltype(R)::value, false>(wp + n * K, nullptr, 1, xq, m, K, o);
       for (int64_t r = 0; r < rows; ++r) o[r] *= bf16_to_float(sp[n + r]);
     });
   });
