@@ -1,5 +1,5 @@
 """Speculative decoding's speed-up at batch 1: each proposer against plain decoding of the same
-configuration (eager, compiled), in one process, one after another.
+configuration (eager, compiled), in one process, the configurations' runs interleaved.
 
     python -m bench.speculative [--threads N] [--new-tokens 128] [--runs 3] [--modes eager compiled] [--json FILE]
 
@@ -11,7 +11,8 @@ Configurations (--configs): plain (no speculation), int4 and int8 (the model's o
 quantized as the draft), prompt-lookup; each eager and/or compiled (--modes: the model's and the
 draft's decode steps compiled; the verify pass is eager, as prefill is). Reported per
 (configuration, prompt): decode tokens/s, the median of --runs runs, each
-(tokens - 1) / (time of the whole generation - time of a 1-token generation, the prefill),
+(tokens - 1) / (time of the whole generation - time of a 1-token generation, the prefill: the
+model's, and a draft model's, which reads the prompt in the same step),
 the speed-up over plain decoding of the same mode, the draft tokens accepted / proposed, and
 tokens per model pass. Every run's greedy tokens must equal plain decoding's.
 """
@@ -66,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--speculative-tokens", type=int, default=None, help="draft tokens per round "
-                        "(default: the library's, 4 for model drafts, 16 for prompt lookup)")
+                        "(default: the library's, 4 for model drafts, 15 for prompt lookup)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -82,41 +83,45 @@ def main(argv=None):
     print("| mode | config | prompt | tok/s | speed-up | accepted / drafted | tokens per pass |")
     print("|---|---|---|---|---|---|---|")
     results = []
+    configs = ["plain"] + [c for c in args.configs if c != "plain"]
     for compile_ in [mode == "compiled" for mode in args.modes]:
         mode = "compiled" if compile_ else "eager"
-        plain_rates, plain_tokens = {}, {}
-        for config in ["plain"] + [c for c in args.configs if c != "plain"]:
-            llama = build(ckpt_dir, tokenizer, config, compile_, 1024, args.speculative_tokens)
-            for name in args.prompts:
-                prompt = llama.formatter.encode_dialog_prompt([{"role": "user", "content": PROMPTS[name]}])
+        # Every configuration built first, then their runs interleaved (plain, int4, ..., plain, int4, ...):
+        # these machines' speed drifts within minutes, and one configuration after another would
+        # measure the drift as much as the configurations.
+        llamas = {config: build(ckpt_dir, tokenizer, config, compile_, 1024, args.speculative_tokens)
+                  for config in configs}
+        for name in args.prompts:
+            prompt = llamas["plain"].formatter.encode_dialog_prompt([{"role": "user", "content": PROMPTS[name]}])
+            for llama in llamas.values():
                 decode_rate(llama, prompt, 8)  # warm-up (and the compilation)
-                before = dict(llama.engine.counters)
-                rates, decoded = [], 0
-                for _ in range(args.runs):
+            before = {config: dict(llama.engine.counters) for config, llama in llamas.items()}
+            rates = {config: [] for config in configs}
+            decoded = dict.fromkeys(configs, 0)
+            for _ in range(args.runs):
+                for config, llama in llamas.items():
                     rate, tokens = decode_rate(llama, prompt, args.new_tokens)
-                    rates.append(rate)
-                    decoded += len(tokens) - 1  # after the prefill's token
+                    rates[config].append(rate)
+                    decoded[config] += len(tokens) - 1  # after the prefill's token
                     if config == "plain":
-                        plain_tokens[name] = tokens
-                    elif tokens != plain_tokens[name]:
+                        plain_tokens = tokens
+                    elif tokens != plain_tokens:
                         raise AssertionError(f"{mode} {config} on {name}: greedy tokens differ from plain decoding's")
+            for config, llama in llamas.items():
                 counters = llama.engine.counters
-                drafted = counters["draft_tokens"] - before["draft_tokens"]
-                accepted = counters["accepted_tokens"] - before["accepted_tokens"]
-                passes = counters["steps"] - before["steps"]
-                rate = statistics.median(rates)
-                if config == "plain":
-                    plain_rates[name] = rate
-                speedup = rate / plain_rates[name]
-                row = {"mode": mode, "config": config, "prompt": name, "tok_s": rate, "runs": rates,
+                drafted = counters["draft_tokens"] - before[config]["draft_tokens"]
+                accepted = counters["accepted_tokens"] - before[config]["accepted_tokens"]
+                passes = counters["steps"] - before[config]["steps"]
+                rate = statistics.median(rates[config])
+                speedup = rate / statistics.median(rates["plain"])
+                row = {"mode": mode, "config": config, "prompt": name, "tok_s": rate, "runs": rates[config],
                        "speedup": speedup, "drafted": drafted, "accepted": accepted,
-                       "tokens_per_pass": decoded / max(passes, 1),
-                       "threads": args.threads}
+                       "tokens_per_pass": decoded[config] / max(passes, 1), "threads": args.threads}
                 results.append(row)
                 acceptance = f"{accepted}/{drafted} ({accepted / drafted:.0%})" if drafted else "-"
                 print(f"| {mode} | {config} | {name} | {rate:.1f} | {speedup:.2f}x | {acceptance} | "
                       f"{row['tokens_per_pass']:.2f} |", flush=True)
-            del llama
+        del llamas
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "torch": torch.__version__, "new_tokens": args.new_tokens,

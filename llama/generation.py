@@ -105,7 +105,7 @@ class Llama:
                 without, sampled output follows the same distribution. None (the default): off.
             draft: a draft checkpoint for speculative="draft" (implied): same tokenizer and
                 vocabulary, as many shards as this one.
-            speculative_tokens: draft tokens per round (default 4 for model drafts, 16 for
+            speculative_tokens: draft tokens per round (default 4 for model drafts, 15 for
                 prompt lookup).
 
         Returns:
@@ -195,7 +195,7 @@ class Llama:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         speculator = None
         if speculative == "prompt-lookup":
-            speculator = Speculator(PromptLookup(k=speculative_tokens or 16))
+            speculator = Speculator(PromptLookup(k=speculative_tokens or PromptLookup().k))
         elif speculative is not None:
             speculator = Speculator(DraftModel(k=speculative_tokens or 4, name=speculative))
         # The one decoding engine under generate, stream, explain and the server.

@@ -99,7 +99,7 @@ def add_model_options(
                             "lookup in the text so far (greedy output unchanged)")
     model.add_argument("--draft", type=Path, help="speculative decoding with this draft checkpoint (same tokenizer)")
     model.add_argument("--speculative-tokens", type=int,
-                       help="draft tokens per round (default: 4 for model drafts, 16 for prompt lookup)")
+                       help="draft tokens per round (default: 4 for model drafts, 15 for prompt lookup)")
     model.add_argument("--threads", type=int, help="torch's intra-op threads (default: $OMP_NUM_THREADS if set, "
                        f"else one per physical core: {physical_cores()} here)")
     model.add_argument("--max-seq-len", type=int, default=max_seq_len,

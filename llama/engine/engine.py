@@ -30,7 +30,7 @@ from llama.engine.model_runner import ModelRunner, Step
 from llama.engine.prefix_cache import BLOCK_SIZE, PrefixIndex
 from llama.engine.sampler import Group, Sampler
 from llama.engine.sequence import Request, Sequence
-from llama.engine.speculative import Speculator
+from llama.engine.speculative import Speculator, can_speculate
 from llama.engine.stopping import StopCriteria
 from llama.processors import SamplingParams, pad_prompts
 
@@ -175,6 +175,8 @@ class Engine:
             sequences = [seq for request in newcomers for seq in request.sequences]  # rows 0..k-1
             logits = self.runner.run(self._prefill_step(sequences))
             self.counters["prefill_steps"] += 1
+            if self.speculator is not None and any(can_speculate(request) for request in newcomers):
+                self.speculator.prefill(self.runner, sequences)  # the draft reads the prompts now too
         elif self.requests:
             sequences = self.running
             if self.speculator is not None:

@@ -71,7 +71,9 @@ class PromptLookup:
 
     name = "prompt-lookup"
 
-    def __init__(self, k: int = 16, max_ngram: int = 3, min_ngram: int = 1):
+    # 15: with the newest token, a verify pass of 16 positions, as many as the CPU kernels take in one
+    # call (`llama.kernels.MAX_ROWS`; a 17th moved a SmolLM2 pass onto PyTorch's GEMMs: 45 -> 108 ms).
+    def __init__(self, k: int = 15, max_ngram: int = 3, min_ngram: int = 1):
         self.k, self.max_ngram, self.min_ngram = k, max_ngram, min_ngram
 
     def propose(self, runner, batch: List[Sequence], wanted: List[int]) -> Drafts:
@@ -87,6 +89,9 @@ class PromptLookup:
                     return context[start + n : start + n + n_tokens]
         return []
 
+    def prefill(self, runner, sequences: List[Sequence]) -> None:
+        """Nothing to prefill."""
+
     def update(self, seq: Sequence, kept: int) -> None:
         """Nothing to keep between rounds."""
 
@@ -95,8 +100,9 @@ class DraftModel:
     """Drafts with a small model (`ModelRunner.draft`), sampled with the request's controls.
 
     Each sequence's `draft_len` counts the positions of its row in the draft's cache that hold
-    the draft's keys of its tokens; a round first feeds the draft what lies past them (a whole
-    prompt for a new sequence, else one or two tokens), then drafts token by token.
+    the draft's keys of its tokens. The draft reads the prompts in the model's prefill step
+    (`prefill`), so a round first feeds it what lies past them (one or two tokens; a whole prompt
+    for a sequence that did not speculate when it came), then drafts token by token.
 
     Args:
         k: draft tokens per round.
@@ -157,6 +163,14 @@ class DraftModel:
         drafts = [tokens[r][: wanted[r]] for r in range(len(batch))]
         dists = [torch.stack(probs[r][: wanted[r]]) if probs[r] and wanted[r] else None for r in range(len(batch))]
         return drafts, dists
+
+    def prefill(self, runner, sequences: List[Sequence]) -> None:
+        """The prompts of sequences just prefilled in rows 0..k-1 (the model's prefill step) into the draft's
+        cache, their whole prompts (a prefix the model found cached is not in the draft's cache): part of
+        the time to the first token, not of a decoding round."""
+        runner.run(Step(prompts=[seq.prompt_tokens for seq in sequences], draft=True))
+        for seq in sequences:
+            seq.draft_len = len(seq.prompt_tokens)
 
     def update(self, seq: Sequence, kept: int) -> None:
         """After the round: `kept` of the row's new tokens are in the model's cache past the position
@@ -253,6 +267,10 @@ class Speculator:
             else:
                 wanted.append(max(0, min(self.proposer.k, left - 1, width - 1)) if can_speculate(seq.request) else 0)
         return wanted
+
+    def prefill(self, runner, sequences: List[Sequence]) -> None:
+        """After the model's prefill of `sequences` (rows 0..k-1): the proposer's, if it has one."""
+        self.proposer.prefill(runner, sequences)
 
     def propose(self, runner, batch: List[Sequence], max_seq_len: int) -> Optional[Drafts]:
         """The drafts of a round, or None when no row drafts a token (decode normally then)."""
