@@ -389,7 +389,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::
   TORCH_CHECK(group_size == 0 || (group_size % BLOCK == 0 && K % group_size == 0),
               "group_size must be 0 (a scale per row) or a multiple of ", BLOCK, " dividing in_features");
   const int64_t groups = group_size == 0 ? 1 : K / group_size;
-  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == weight.size(0) * groups && scales.is_contiguous(),
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == weight.size(0) * groups &&
+                  scales.is_contiguous(),
               "scales must be contiguous bf16 (N,) or (N, K / group_size)");
   at::Tensor out = new_output(x, weight);
   const QuantizedRows<int16_t> xq = quantize_rows<int16_t>(x.data_ptr<float>(), M, K);
@@ -397,8 +398,9 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::
   const uint16_t* sp = static_cast<const uint16_t*>(scales.data_ptr());
   for_each_tile(out, [&](int64_t n, int64_t rows, float* partial) {
     each_row_of_x(rows, M, partial, [&](auto R, int64_t m, float* o) {
-      if (group_size != 0) return dot_int8_tile<decltype(R)::value, true>(wp + n * K, sp + n * groups, groups, xq, m, K, o);
-      dot_int8_tile<decltype(R)::value, false>(wp + n * K, nullptr, 1, xq, m, K, o);
+      constexpr int Rows = decltype(R)::value;
+      if (group_size != 0) return dot_int8_tile<Rows, true>(wp + n * K, sp + n * groups, groups, xq, m, K, o);
+      dot_int8_tile<Rows, false>(wp + n * K, nullptr, 1, xq, m, K, o);
       for (int64_t r = 0; r < rows; ++r) o[r] *= bf16_to_float(sp[n + r]);
     });
   });
@@ -428,7 +430,8 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& weight, const at::
     with_rows(rows, [&](auto R) {
       constexpr int Rows = decltype(R)::value;
       if (M <= PACKED_ROWS) {
-        for (int64_t m = 0; m < M; ++m) dot_int4_tile<Rows>(packed, tile_scales, group_size, xq, m, K, partial + m * ROWS);
+        for (int64_t m = 0; m < M; ++m)
+          dot_int4_tile<Rows>(packed, tile_scales, group_size, xq, m, K, partial + m * ROWS);
         return;
       }
       thread_local std::vector<__m256i> codes;  // the tile unpacked once for every row of x

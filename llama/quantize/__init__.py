@@ -72,10 +72,10 @@ from llama.quantize.transform import MODES, linear_mode, quantize_model, quantiz
 # fmt: on
 
 __all__ = [
-    "BitsAndBytesLinear", "DEFAULT_GROUP_SIZE", "INT4_GROUP_SIZES", "INT8_GROUP_SIZE", "Int4Linear", "Int8Embedding", "Int8Linear",
-    "LINEAR_SUFFIXES", "LLMInt8Linear", "LLM_INT8_THRESHOLD", "MODES", "QuantizedLinear",
+    "BitsAndBytesLinear", "DEFAULT_GROUP_SIZE", "INT4_GROUP_SIZES", "INT8_GROUP_SIZE", "Int4Linear", "Int8Embedding",
+    "Int8Linear", "LINEAR_SUFFIXES", "LLMInt8Linear", "LLM_INT8_THRESHOLD", "MODES", "QuantizedLinear",
     "default_calibration_text", "dequantize_int4", "gptq_int8_rows", "input_second_moments", "int8_matmul",
-    "linear_mode", "main", "pack_nibbles", "quantize_checkpoint", "quantize_int4_groups", "quantize_int8_groups", "quantize_int8_rows",
-    "quantize_model", "quantize_skeleton", "quantize_state_dict", "read_quantization", "skeleton_transform",
-    "unpack_nibbles",
+    "linear_mode", "main", "pack_nibbles", "quantize_checkpoint", "quantize_int4_groups", "quantize_int8_groups",
+    "quantize_int8_rows", "quantize_model", "quantize_skeleton", "quantize_state_dict", "read_quantization",
+    "skeleton_transform", "unpack_nibbles",
 ]  # fmt: skip

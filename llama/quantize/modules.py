@@ -171,6 +171,9 @@ class Int8Linear(QuantizedLinear):
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (B, T, N)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}"
+
 
 class LLMInt8Linear(Int8Linear):
     """LLM.int8(): the int8 weights of Int8Linear, with int8 activations too.
