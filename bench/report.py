@@ -42,6 +42,7 @@ def render_markdown(report: dict) -> str:
     base = next((e for e in ok if e["kind"] == BASELINE), None)
     n = settings["new_tokens"]
     bw = bandwidth["bytes_per_s"]
+    around = [e["bandwidth_bytes_per_s"] for e in ok if e.get("bandwidth_bytes_per_s")]  # older reports: none
 
     def decode(engine, batch):
         record = engine.get("decode", {}).get(str(batch))
@@ -53,9 +54,8 @@ def render_markdown(report: dict) -> str:
         + f"; {settings['device']}, {settings['threads']} threads, torch {info['torch']}"
         + (f", transformers {info['transformers']}" if info.get("transformers") else "")
         + f". Streamed bandwidth {bw / 1e9:.1f} GB/s at the start ({bandwidth['method']})"
-        + (f"; {min(each) / 1e9:.1f}–{max(each) / 1e9:.1f} GB/s around the engines' runs (each engine's bound: the "
-           "mean of the bandwidth just before and just after it)"
-           if (each := [e["bandwidth_bytes_per_s"] for e in ok if e.get("bandwidth_bytes_per_s")]) else "")
+        + (f"; {min(around) / 1e9:.1f}–{max(around) / 1e9:.1f} GB/s around the engines' runs (each engine's "
+           "bound: the mean of the bandwidth just before and just after it)" if around else "")
         + ".",
         f"Greedy, {n} new tokens per row (fixed: stop tokens do not end a run), "
         f"median of {settings['runs']} runs after {settings['warmup']} warm-up; default dtype {settings['dtype']}"

@@ -195,7 +195,7 @@ class Llama:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         speculator = None
         if speculative == "prompt-lookup":
-            speculator = Speculator(PromptLookup(k=speculative_tokens or PromptLookup().k))
+            speculator = Speculator(PromptLookup(k=speculative_tokens) if speculative_tokens else PromptLookup())
         elif speculative is not None:
             speculator = Speculator(DraftModel(k=speculative_tokens or 4, name=speculative))
         # The one decoding engine under generate, stream, explain and the server.

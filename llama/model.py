@@ -312,7 +312,7 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
     return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
 
 
-def fused_column_linear(linears: list) -> ColumnParallelLinear:
+def fused_column_linear(linears: list) -> nn.Module:
     """One column-parallel linear computing what `linears` (fairscale's, on the same input) compute,
     their outputs concatenated: its local weight is theirs stacked, so on every rank it holds that
     rank's slice of each, and its output splits into theirs. Quantized layers (a checkpoint quantized

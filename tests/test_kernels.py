@@ -50,7 +50,7 @@ def test_fp32(rows, n, k):
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("n,k,group_size", [(n, k, g) for n, k in SHAPES for g in (0, 32, 64) if k % (g or k) == 0])
 def test_int8(rows, n, k, group_size):
-    """group_size 0: a scale per row; else a scale per row and group of columns."""
+    """group_size 0: a scale per row (the kernel's group of k columns); else per row and group of columns."""
     torch.manual_seed(rows * n + group_size + 1)
     x, w = torch.randn(rows, k), torch.randn(n, k)
     if group_size == 0:
@@ -59,7 +59,7 @@ def test_int8(rows, n, k, group_size):
     else:
         q, scales = quantize_int8_groups(w, group_size)  # (N, K), (N, K/group_size)
         dequantized = (q.double().view(n, -1, group_size) * scales.double()[..., None]).view(n, k)
-    out = kernels.linear_int8(x, q, scales, group_size)
+    out = kernels.linear_int8(x, q, scales, group_size or k)
     assert_close(out, quantized_activations(x, 32767) @ dequantized.T, 1e-6)
     assert_close(out, x.double() @ dequantized.T, 1e-4)  # int16 activations cost almost nothing
 
@@ -107,8 +107,8 @@ def test_a_row_gets_the_same_result_whatever_rows_come_with_it(kind):
     if kind == "fp32":
         run = lambda rows: kernels.linear_f32(rows, w)  # noqa: E731
     elif kind.startswith("int8"):
-        group_size = 0 if kind == "int8 per row" else 32
-        q, scales = quantize_int8_rows(w) if group_size == 0 else quantize_int8_groups(w, group_size)
+        group_size = 160 if kind == "int8 per row" else 32
+        q, scales = quantize_int8_rows(w) if kind == "int8 per row" else quantize_int8_groups(w, group_size)
         run = lambda rows: kernels.linear_int8(rows, q, scales, group_size)  # noqa: E731
     else:
         nibbles, sz = quantize_int4_groups(w, 32)
@@ -293,8 +293,8 @@ def test_errors_name_the_wrong_argument():
         torch.ops.llama_kernels.linear_f32(torch.randn(2, 60), torch.randn(8, 60))
     with pytest.raises(RuntimeError, match="scales must be contiguous bf16"):
         torch.ops.llama_kernels.linear_int8(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8),
-                                            0)
-    with pytest.raises(RuntimeError, match="group_size must be 0"):
+                                            64)
+    with pytest.raises(RuntimeError, match="group_size must be a multiple of 32"):
         torch.ops.llama_kernels.linear_int8(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8),
                                             torch.ones(8, 4).bfloat16(), 16)
     with pytest.raises(RuntimeError, match="mask must be contiguous bool"):

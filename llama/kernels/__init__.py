@@ -5,12 +5,12 @@ a speculative verify pass) with every weight of the model, so its speed is how f
 stream from memory. MKL's fp32 matrix-vector and small matrix products reach a third to half of
 the memory's bandwidth on these CPUs, and ATen's int8/int4 weight-only kernels are compute-bound
 for fp32 activations. `decode.cpp` streams each weight once per call at up to 16 rows of
-activations, fp32, int8 (a scale per row, or per row and group of columns) or int4 (a scale and zero
-per group of columns):
+activations, fp32, int8 (a scale per row and group of columns) or int4 (a scale and zero per group
+of columns):
 
     linear_f32(x, w)                      x (..., K) fp32 @ w (N, K)ᵀ          -> (..., N) fp32
-    linear_int8(x, q, scales, group_size) w = q (N, K) int8 * scales bf16, (N,) (group_size 0: per row)
-                                          or (N, K/group_size) (per row and group of columns)
+    linear_int8(x, q, scales, group_size) w = q (N, K) int8 * scales bf16 (N, K/group_size), a scale per
+                                          row and group of columns (group_size K: one per row)
     linear_int4(x, q, sz, group_size)     w = (q - 8) * scale + zero, q (N, K/2) in `pack_int4_blocks`
                                           layout, sz bf16 [scale, zero] in `pack_int4_scales` layout
 
@@ -152,7 +152,7 @@ def linear_f32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     out = torch.ops.llama_kernels.linear_int8(_rows(x), weight, scales, group_size)
     return out.view(*x.shape[:-1], weight.shape[0])
 

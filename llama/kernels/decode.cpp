@@ -4,8 +4,8 @@
 //
 //   out (M, N) fp32 = x (M, K) fp32 @ W (N, K)ᵀ, with W held as
 //     linear_f32:  fp32 (N, K)
-//     linear_int8: int8 (N, K) and a bf16 scale per row, or per row and group of `group_size` columns
-//                  (llama.cpp's Q8_0 at 32):                     W[n, k] = q[n, k] * scale[n, k / group_size]
+//     linear_int8: int8 (N, K) and a bf16 scale per row and group of `group_size` columns (llama.cpp's
+//                  Q8_0 at 32; K: one per row):                  W[n, k] = q[n, k] * scale[n, k / group_size]
 //     linear_int4: 4-bit codes in blocks of 32 columns (N, K/2) and bf16 (scale, zero) per row and
 //                  group of `group_size` columns:                W[n, k] = (q[n, k] - 8) * scale + zero
 //                  byte j of a row's block b holds q[32b + j] (low nibble) and q[32b + 16 + j] (high),
@@ -210,10 +210,9 @@ inline __m256 dot_bytes(__m256i unsigned_bytes, __m256i signed_bytes) {
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-// int8 weights, R rows from w (stride K), against one row of x in int16: out[r] = Σ_k q_w q_x s_x times the
-// weight's scales. Grouped: those of its `groups` groups of columns, group_scales (R rows of `groups` bf16
-// scales); else the row's one scale, which the caller applies.
-template <int R, bool Grouped>
+// int8 weights, R rows from w (stride K), against one row of x in int16: out[r] = Σ_k q_w q_x s_x s_w, the
+// weight's scale s_w that of its group of columns: group_scales holds R rows of `groups` bf16 scales.
+template <int R>
 inline void dot_int8_tile(const int8_t* w, const uint16_t* group_scales, int64_t groups,
                           const QuantizedRows<int16_t>& x, int64_t m, int64_t K, float* out) {
   const int16_t* xq = x.q.data() + m * K;
@@ -223,8 +222,7 @@ inline void dot_int8_tile(const int8_t* w, const uint16_t* group_scales, int64_t
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m256 w_scale[R];
-    if constexpr (Grouped)
-      for (int r = 0; r < R; ++r) w_scale[r] = _mm256_set1_ps(bf16_to_float(group_scales[r * groups + g]));
+    for (int r = 0; r < R; ++r) w_scale[r] = _mm256_set1_ps(bf16_to_float(group_scales[r * groups + g]));
     for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
       const __m256i x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK));
       const __m256i x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * BLOCK + 16));
@@ -236,8 +234,7 @@ inline void dot_int8_tile(const int8_t* w, const uint16_t* group_scales, int64_t
         const __m256i w_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
         // |products| <= 127 * 32767 and 4 of them per int32 lane: no overflow
         const __m256i sums = _mm256_add_epi32(_mm256_madd_epi16(w_lo, x_lo), _mm256_madd_epi16(w_hi, x_hi));
-        const __m256 scale = Grouped ? _mm256_mul_ps(s, w_scale[r]) : s;
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(s, w_scale[r]), acc[r]);
       }
     }
   }
@@ -381,27 +378,24 @@ void each_row_of_x(int64_t rows, int64_t M, float* partial, TileFn tile) {
   for (int64_t m = 0; m < M; ++m) with_rows(rows, [&](auto R) { tile(R, m, partial + m * ROWS); });
 }
 
-// group_size 0: a scale per row, scales (N,); else scales (N, K / group_size).
+// scales (N, K / group_size) (group_size K: (N,), a scale per row).
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales, int64_t group_size) {
   TORCH_CHECK(weight.scalar_type() == at::kChar && weight.size(1) == x.size(1), "weight must be int8 (N, K)");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % BLOCK == 0, "in_features must be a multiple of ", BLOCK, ", got ", K);
-  TORCH_CHECK(group_size == 0 || (group_size % BLOCK == 0 && K % group_size == 0),
-              "group_size must be 0 (a scale per row) or a multiple of ", BLOCK, " dividing in_features");
-  const int64_t groups = group_size == 0 ? 1 : K / group_size;
+  TORCH_CHECK(group_size > 0 && group_size % BLOCK == 0 && K % group_size == 0,
+              "group_size must be a multiple of ", BLOCK, " dividing in_features (in_features: a scale per row)");
+  const int64_t groups = K / group_size;
   TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.numel() == weight.size(0) * groups &&
                   scales.is_contiguous(),
-              "scales must be contiguous bf16 (N,) or (N, K / group_size)");
+              "scales must be contiguous bf16 (N, K / group_size)");
   at::Tensor out = new_output(x, weight);
   const QuantizedRows<int16_t> xq = quantize_rows<int16_t>(x.data_ptr<float>(), M, K);
   const int8_t* wp = weight.data_ptr<int8_t>();
   const uint16_t* sp = static_cast<const uint16_t*>(scales.data_ptr());
   for_each_tile(out, [&](int64_t n, int64_t rows, float* partial) {
     each_row_of_x(rows, M, partial, [&](auto R, int64_t m, float* o) {
-      constexpr int Rows = decltype(R)::value;
-      if (group_size != 0) return dot_int8_tile<Rows, true>(wp + n * K, sp + n * groups, groups, xq, m, K, o);
-      dot_int8_tile<Rows, false>(wp + n * K, nullptr, 1, xq, m, K, o);
-      for (int64_t r = 0; r < rows; ++r) o[r] *= bf16_to_float(sp[n + r]);
+      dot_int8_tile<decltype(R)::value>(wp + n * K, sp + n * groups, groups, xq, m, K, o);
     });
   });
   return out;

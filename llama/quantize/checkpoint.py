@@ -22,7 +22,7 @@ from llama.distributed import setup_model_parallel
 from llama.model import ModelArgs
 from llama.quantize.gptq import input_second_moments
 from llama.quantize.kernels import (DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, INT8_GROUP_SIZE, quantize_int4_groups,
-                                    quantize_int8_groups, quantize_int8_rows)
+                                    quantize_int8_rows)
 from llama.quantize.modules import Int8Linear
 from llama.quantize.transform import MODES, check_mode, linear_mode
 from llama.tokenizer import load_tokenizer
@@ -86,11 +86,7 @@ def quantize_state_dict(
         elif name.endswith(LINEAR_SUFFIXES):
             grouped = linear_mode(mode, prefix[:-1]) == "int8"  # LLM.int8's rows keep one scale each
             int8_group = Int8Linear.group_size_for(tensor.shape[1], int8_group_size) if grouped else None
-            moment = moments.get(prefix[:-1])
-            if int8_group is None:
-                out[name], out[prefix + "scales"] = quantize_int8_rows(tensor, moment)
-            else:
-                out[name], out[prefix + "scales"] = quantize_int8_groups(tensor, int8_group, moment)
+            out[name], out[prefix + "scales"] = Int8Linear.quantize(tensor, int8_group, moments.get(prefix[:-1]))
         else:
             out[name] = tensor.clone()  # norms: own storage, not a view of the source mapping
     return out

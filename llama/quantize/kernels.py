@@ -21,44 +21,35 @@ DEFAULT_GROUP_SIZE = 32
 INT8_GROUP_SIZE = 32
 
 
-def quantize_int8_rows(
-    weight: torch.Tensor, moment: Optional[torch.Tensor] = None
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: weight (N, K) ~= q (N, K) int8 * scales (N, 1).
-
-    With `moment` (H = Σ x xᵀ (K, K) of calibration inputs) the codes are chosen
-    by GPTQ (`llama.quantize.gptq`) instead of rounding each weight to its nearest code.
-
-    Returns q and scales (N,) in bf16 (q is rounded against the bf16 scales).
-    """
-    w = weight.float()
-    low, high = w.aminmax(dim=1)  # (N,) each; no (N, K) temporary for |w|
-    scales = (torch.maximum(high, -low) / 127).clamp(min=1e-10).to(torch.bfloat16)  # (N,)
-    if moment is not None:
-        return gptq_int8_rows(weight, scales, moment), scales
-    # One (N, K) fp32 temporary, rounded and clamped in place: quantizing at load time
-    # then peaks at one fp32 copy of the largest weight on top of the checkpoint.
-    q = (w / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (N, K)
-    return q, scales
-
-
 def quantize_int8_groups(
     weight: torch.Tensor, group_size: int, moment: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row and group of `group_size` consecutive input columns:
     weight (N, K) ~= q (N, K) int8 * scales (N, K/group_size), each scale over its group's columns.
 
-    With `moment` the codes are chosen by GPTQ, as in `quantize_int8_rows`.
+    With `moment` (H = Σ x xᵀ (K, K) of calibration inputs) the codes are chosen
+    by GPTQ (`llama.quantize.gptq`) instead of rounding each weight to its nearest code.
 
     Returns q and scales (N, K/group_size) in bf16 (q is rounded against the bf16 scales).
     """
     n, k = weight.shape
     w = weight.float().reshape(n, k // group_size, group_size)  # (N, G, g)
-    scales = (w.abs().amax(dim=-1) / 127).clamp(min=1e-10).to(torch.bfloat16)  # (N, G)
+    low, high = w.aminmax(dim=-1)  # (N, G) each; no (N, K) temporary for |w|
+    scales = (torch.maximum(high, -low) / 127).clamp(min=1e-10).to(torch.bfloat16)  # (N, G)
     if moment is not None:
         return gptq_int8_rows(weight, scales, moment), scales
+    # One (N, K) fp32 temporary, rounded and clamped in place: quantizing at load time
+    # then peaks at one fp32 copy of the largest weight on top of the checkpoint.
     q = (w / scales.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8)  # (N, G, g)
     return q.view(n, k), scales
+
+
+def quantize_int8_rows(
+    weight: torch.Tensor, moment: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: `quantize_int8_groups` with one group a row; scales (N,)."""
+    q, scales = quantize_int8_groups(weight, weight.shape[1], moment)
+    return q, scales.view(-1)
 
 
 def quantize_int4_groups(weight: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ around its own local matmul or lookup.
 """
 
 import logging
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +120,14 @@ class Int8Linear(QuantizedLinear):
         """The group size a layer of this width takes: one scale per row where group_size does not divide it."""
         return group_size if group_size is not None and in_features % group_size == 0 else None
 
+    @staticmethod
+    def quantize(weight: torch.Tensor, group_size: Optional[int],
+                 moment: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) of `weight` as this layer holds them for `group_size` (None: a scale per row)."""
+        if group_size is None:
+            return quantize_int8_rows(weight, moment)
+        return quantize_int8_groups(weight, group_size, moment)
+
     @classmethod
     def from_float(cls, linear: nn.Module, moment: Optional[torch.Tensor] = None,
                    group_size: Optional[int] = INT8_GROUP_SIZE) -> "Int8Linear":
@@ -129,10 +137,7 @@ class Int8Linear(QuantizedLinear):
         weight = linear.weight.detach()
         group_size = cls.group_size_for(weight.shape[1], group_size)
         module = cls(**cls.layout_of(linear), device=weight.device, group_size=group_size)
-        if group_size is None:
-            module.weight, module.scales = quantize_int8_rows(weight, moment)
-        else:
-            module.weight, module.scales = quantize_int8_groups(weight, group_size, moment)
+        module.weight, module.scales = cls.quantize(weight, group_size, moment)
         return module
 
     @classmethod
@@ -155,13 +160,13 @@ class Int8Linear(QuantizedLinear):
         return (groups * self.scales.float()[..., None]).view(n, k)
 
     def kernel_operands(self) -> Optional[tuple]:
-        if self.in_features % kernels.BLOCK != 0 or (self.group_size or 0) % kernels.BLOCK != 0:
-            return None
-        return self.weight, self.scales, self.group_size or 0
+        columns = self.group_size or self.in_features  # per scale; the kernel takes multiples of its blocks
+        return (self.weight, self.scales, columns) if columns % kernels.BLOCK == 0 else None
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel_operands() is not None and kernels.usable(x, self.in_features, multiple=kernels.BLOCK):
-            return kernels.linear_int8(x, self.weight, self.scales, self.group_size or 0)
+        columns = self.group_size or self.in_features
+        if columns % kernels.BLOCK == 0 and kernels.usable(x, self.in_features, multiple=kernels.BLOCK):
+            return kernels.linear_int8(x, self.weight, self.scales, columns)
         if self.group_size is not None:
             return F.linear(x, self.dequantize().to(x.dtype))  # prefills (many rows): one GEMM
         if x.device.type == "cpu" and _has_aten("_weight_int8pack_mm"):
